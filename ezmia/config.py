@@ -1,0 +1,129 @@
+"""Typed audit configuration: one model shared by the CLI, the Ray jobs and the nightly scan.
+
+Unknown keys are errors, so a typo in a YAML file never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ezmia.errors import InputError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RayOptions(Strict):
+    """How the Ray engine sizes its scoring actor pool."""
+
+    address: str | None = None
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    cpus_per_actor: float = Field(0.5, gt=0)
+    rows_per_block: int = Field(256, ge=1)
+
+
+class VllmOptions(Strict):
+    """vLLM engine settings (used when the backend is vLLM)."""
+
+    gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
+    max_num_seqs: int = Field(64, ge=1)
+    max_model_len: int | None = None
+    lora_mode: Literal["merge", "lora_request"] = "merge"
+    canary_sequences: int = Field(8, ge=0)
+    on_canary_failure: Literal["stop", "fallback"] = "fallback"
+
+
+class AuditConfig(Strict):
+    """Everything one audit needs. Datasets: ``data`` (with ``label_column`` for a leakage
+    audit), or ``members`` and ``nonmembers`` files whose labels are implied;
+    ``calibration`` (known non-members) turns an unlabelled audit into detection."""
+
+    target: str
+    reference: str | None = None
+    out: str
+    name: str | None = None
+    data: list[str] = []
+    members: list[str] = []
+    nonmembers: list[str] = []
+    calibration: list[str] = []
+    text_column: str = "text"
+    id_column: str | None = None
+    label_column: str | None = None
+    max_length: int = Field(128, ge=2)
+    fpr: float = Field(0.001, gt=0, lt=1)
+    backend: Literal["auto", "torch", "vllm"] = "auto"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(16, ge=1)
+    engine: Literal["auto", "local", "ray"] = "auto"
+    overwrite: bool = False
+    include_text: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    bootstrap_rounds: int = Field(200, ge=0)
+    seed: int = 0
+    sse: Literal["aws:kms", "AES256"] | None = None
+    sse_kms_key_id: str | None = None
+    cache_dir: str | None = None
+    ray: RayOptions = RayOptions()
+    vllm: VllmOptions = VllmOptions()
+
+    @model_validator(mode="after")
+    def _datasets_given(self) -> AuditConfig:
+        if not (self.data or self.members or self.nonmembers):
+            raise ValueError("no dataset: give data (or members and nonmembers)")
+        if bool(self.members) != bool(self.nonmembers):
+            raise ValueError("members and nonmembers go together (both or neither)")
+        if self.data and self.members:
+            raise ValueError("give either data or members/nonmembers, not both")
+        if self.calibration and self.is_labelled:
+            raise ValueError("calibration is for unlabelled data; this audit has labels")
+        return self
+
+    @property
+    def is_labelled(self) -> bool:
+        return bool(self.label_column or self.members)
+
+    @property
+    def mode(self) -> str:
+        """``leakage`` (labels known), ``detection`` (calibration given) or ``scores``."""
+        if self.is_labelled:
+            return "leakage"
+        return "detection" if self.calibration else "scores"
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.target.rstrip("/")).name
+
+
+def parse_model(model: type[Strict], data: dict, source: str) -> Strict:
+    """Validate a dict into ``model``; errors name the source and every bad key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
+        )
+        raise InputError(f"{source}: {problems}") from err
+
+
+def load_yaml(path: str) -> dict:
+    """A YAML mapping from a local file or S3 object, with a clear error if unreadable."""
+    from ezmia import storage
+
+    try:
+        data = yaml.safe_load(storage.read_bytes(path))
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: config file not found") from err
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: unreadable config ({str(err).splitlines()[0]})") from err
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a YAML mapping at the top level")
+    return data

@@ -1,0 +1,61 @@
+"""Attack metrics with known labels (AUC, TPR at a fixed FPR, bootstrap intervals) and the
+detection threshold for unlabelled candidates. Pure math, no I/O."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+FPR_POINTS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
+    """TPR read off the ROC curve by linear interpolation at ``fpr``, as the paper's code."""
+    fprs, tprs, _ = roc_curve(labels, scores)
+    return float(np.interp(fpr, fprs, tprs))
+
+
+def point_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    """AUC and TPR at each FPR of ``FPR_POINTS``."""
+    out = {"auc": float(roc_auc_score(labels, scores))}
+    out.update({name: tpr_at_fpr(labels, scores, fpr) for name, fpr in FPR_POINTS.items()})
+    return out
+
+
+def bootstrap_intervals(
+    labels: np.ndarray, scores: np.ndarray, rounds: int, seed: int = 0, level: float = 0.95
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of every point metric (resampling rows)."""
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    n = labels.shape[0]
+    for _ in range(rounds):
+        pick = rng.integers(0, n, n)
+        if labels[pick].min() == labels[pick].max():
+            continue
+        for name, value in point_metrics(labels[pick], scores[pick]).items():
+            samples.setdefault(name, []).append(value)
+    tail = (1 - level) / 2 * 100
+    return {
+        name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
+        for name, v in samples.items()
+    }
+
+
+def labelled_metrics(
+    labels: np.ndarray, scores: np.ndarray, bootstrap_rounds: int = 200, seed: int = 0
+) -> dict[str, object]:
+    """Point metrics with 95% bootstrap intervals, over rows whose score is finite."""
+    finite = np.isfinite(scores)
+    labels, scores = labels[finite].astype(bool), scores[finite]
+    out: dict[str, object] = {"n": int(labels.shape[0]), "n_members": int(labels.sum())}
+    out.update(point_metrics(labels, scores))
+    intervals = bootstrap_intervals(labels, scores, bootstrap_rounds, seed)
+    out.update({f"{name}_ci95": interval for name, interval in intervals.items()})
+    return out
+
+
+def detection_threshold(calibration_scores: np.ndarray, fpr: float) -> float:
+    """The score above which a known non-member falls with probability ``fpr``."""
+    finite = calibration_scores[np.isfinite(calibration_scores)]
+    return float(np.quantile(finite, 1.0 - fpr))

@@ -1,0 +1,287 @@
+"""Finding, checking and loading the target and reference checkpoints.
+
+A model is a local directory, an ``s3://`` prefix (downloaded once into a cache keyed by the
+objects' ETags and verified against their sizes) or a hub id. A target is either a full
+checkpoint or a PEFT LoRA adapter (``adapter_config.json``); an adapter is scored on one
+copy of its base, which is also the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ezmia import storage
+from ezmia.errors import InputError, ModelError
+
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("EZMIA_CACHE", Path.home() / ".cache" / "ezmia"))
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """Which directories to load: ``target`` is a full checkpoint or an adapter on
+    ``reference``; ``tokenizer`` is the directory whose tokenizer both passes share."""
+
+    target: Path
+    reference: Path
+    target_is_adapter: bool
+    tokenizer: Path
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_model_dir(uri: str, cache_dir: Path | None = None) -> Path:
+    """A local directory holding the model at ``uri`` (downloading S3 or hub models once)."""
+    cache = cache_dir or default_cache_dir()
+    if storage.is_s3(uri):
+        return _download_s3_model(uri, cache / "models")
+    path = Path(uri).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists() or uri.startswith((".", "/", "~")):
+        raise InputError(f"{uri}: model path is not a directory (expected a checkpoint folder)")
+    return _download_hub_model(uri, cache / "hub")
+
+
+def _download_s3_model(uri: str, cache: Path) -> Path:
+    bucket, prefix = storage.split_s3(uri.rstrip("/") + "/")
+    client = storage.s3_client()
+    objects = []
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            objects.extend(page.get("Contents", []))
+    except client.exceptions.ClientError as err:
+        raise ModelError(f"{uri}: cannot list the model prefix ({err})") from err
+    if not objects:
+        raise ModelError(f"{uri}: no objects under this model prefix")
+    listing = sorted((o["Key"][len(prefix) :], o["ETag"], o["Size"]) for o in objects)
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:24]
+    target = cache / key
+    if (target / ".ezmia-complete").exists():
+        return target
+    staging = cache / f".{key}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    for rel, _etag, size in listing:
+        if not rel or rel.endswith("/"):
+            continue
+        dest = staging / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        client.download_file(bucket, prefix + rel, str(dest))
+        if dest.stat().st_size != size:
+            raise ModelError(
+                f"{uri}{rel}: downloaded {dest.stat().st_size} bytes, the listing says {size}"
+            )
+    (staging / ".ezmia-complete").write_text(json.dumps(listing))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def _download_hub_model(repo_id: str, cache: Path) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, cache_dir=str(cache)))
+    except Exception as err:  # the hub client raises many types; all mean "not reachable"
+        raise InputError(
+            f"{repo_id}: not a local directory or s3:// prefix, and the model hub could not "
+            f"provide it ({type(err).__name__}). Pass a local path or s3:// URI."
+        ) from err
+
+
+def _matches(path: Path, patterns: tuple[str, ...]) -> list[Path]:
+    return sorted(p for pattern in patterns for p in path.glob(pattern))
+
+
+def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> bool:
+    """Refuse unsafe or incomplete checkpoints; return True when ``path`` is an adapter."""
+    is_adapter = (path / "adapter_config.json").exists()
+    if not is_adapter and not (path / "config.json").exists():
+        raise ModelError(f"{path}: neither config.json nor adapter_config.json; not a checkpoint")
+    if not _matches(path, SAFE_WEIGHTS):
+        if not _matches(path, PICKLE_WEIGHTS):
+            raise ModelError(f"{path}: no weights found (expected *.safetensors)")
+        if not allow_pickle:
+            raise ModelError(
+                f"{path}: only pickle-based weights (.bin/.pt), which can run code when loaded; "
+                "convert them to safetensors or pass --allow-pickle if you trust the source"
+            )
+    config_file = path / ("adapter_config.json" if is_adapter else "config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"{config_file}: unreadable JSON ({err})") from err
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelError(
+            f"{config_file}: declares custom code (auto_map); pass --trust-remote-code only if "
+            "you trust this checkpoint"
+        )
+    return is_adapter
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on, as recorded in its config."""
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
+    if not base:
+        raise ModelError(
+            f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass --reference"
+        )
+    return str(base)
+
+
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).exists() for name in TOKENIZER_FILES)
+
+
+def fingerprint(path: Path) -> str:
+    """A content hash of the checkpoint's config and weight files."""
+    digest = hashlib.sha256()
+    files = _matches(path, ("*.json", *SAFE_WEIGHTS, *PICKLE_WEIGHTS))
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def plan_models(
+    target: str,
+    reference: str | None,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    cache_dir: Path | None = None,
+) -> ModelPlan:
+    """Resolve, check and pair the target with its reference."""
+    target_dir = resolve_model_dir(target, cache_dir)
+    is_adapter = check_checkpoint(
+        target_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
+    if reference is None:
+        if not is_adapter:
+            raise InputError(
+                f"{target}: a full checkpoint needs --reference (the base model it was "
+                "fine-tuned from)"
+            )
+        reference = adapter_base(target_dir)
+    reference_dir = resolve_model_dir(reference, cache_dir)
+    if check_checkpoint(
+        reference_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    ):
+        raise InputError(f"{reference}: the reference must be a full checkpoint, not an adapter")
+    tokenizer_dir = target_dir if has_tokenizer(target_dir) else reference_dir
+    if not has_tokenizer(tokenizer_dir):
+        raise ModelError(f"{target}: no tokenizer files in the target or the reference")
+    if not is_adapter:
+        _check_same_vocab(target_dir, reference_dir)
+    if has_tokenizer(reference_dir) and tokenizer_dir != reference_dir:
+        _check_same_tokenizer(tokenizer_dir, reference_dir)
+    return ModelPlan(
+        target=target_dir,
+        reference=reference_dir,
+        target_is_adapter=is_adapter,
+        tokenizer=tokenizer_dir,
+        fingerprints={"target": fingerprint(target_dir), "reference": fingerprint(reference_dir)},
+    )
+
+
+def _check_same_vocab(target_dir: Path, reference_dir: Path) -> None:
+    sizes = [
+        json.loads((d / "config.json").read_text()).get("vocab_size")
+        for d in (target_dir, reference_dir)
+    ]
+    if sizes[0] != sizes[1]:
+        raise ModelError(
+            f"target {target_dir} has vocab_size {sizes[0]} but reference {reference_dir} has "
+            f"{sizes[1]}: EZ-MIA compares the same tokens under both models, so they must "
+            "share a tokenizer"
+        )
+
+
+def _check_same_tokenizer(target_dir: Path, reference_dir: Path) -> None:
+    from ezmia.text import load_tokenizer
+
+    if load_tokenizer(target_dir).get_vocab() != load_tokenizer(reference_dir).get_vocab():
+        raise ModelError(
+            f"the tokenizers of target {target_dir} and reference {reference_dir} differ: "
+            "EZ-MIA needs both models to score the same token ids"
+        )
+
+
+def context_length(plan: ModelPlan) -> int | None:
+    """The longest sequence the reference architecture accepts, when its config says."""
+    config = json.loads((plan.reference / "config.json").read_text())
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return None
+
+
+def load_causal_lm(path: Path, *, dtype, device, allow_pickle: bool, trust_remote_code: bool):
+    """A transformers causal LM in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    use_safetensors = True if _matches(path, SAFE_WEIGHTS) or not allow_pickle else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=use_safetensors, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"{path}: cannot load the model ({err})") from err
+    return model.to(device).eval()
+
+
+def attach_adapter(base_model, adapter_dir: Path):
+    """Wrap ``base_model`` with the LoRA adapter; the adapter can later be disabled for the
+    reference pass so both passes share one copy of the base weights."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise ModelError(
+            f"{adapter_dir}: the adapter does not fit the reference model ({err}); pass the "
+            "base model it was trained on as --reference"
+        ) from err
+
+
+def merged_adapter_dir(plan: ModelPlan, cache_dir: Path | None = None) -> Path:
+    """The adapter merged into a copy of its base, saved as safetensors in the cache."""
+    import torch
+
+    key = hashlib.sha256(
+        f"{plan.fingerprints.get('target')}:{plan.fingerprints.get('reference')}".encode()
+    ).hexdigest()[:24]
+    out = (cache_dir or default_cache_dir()) / "merged" / key
+    if (out / ".ezmia-complete").exists():
+        return out
+    base = load_causal_lm(
+        plan.reference,
+        dtype=torch.float32,
+        device="cpu",
+        allow_pickle=False,
+        trust_remote_code=False,
+    )
+    merged = attach_adapter(base, plan.target).merge_and_unload()
+    staging = out.with_name(f".{key}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    merged.save_pretrained(staging, safe_serialization=True)
+    for name in TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt"):
+        if (plan.tokenizer / name).exists():
+            shutil.copy(plan.tokenizer / name, staging / name)
+    (staging / ".ezmia-complete").write_text(key)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out

@@ -1,0 +1,137 @@
+"""Membership scores from per-position statistics: the EZ-MIA score and the paper's baselines.
+
+Pure math, no I/O. Every score is oriented so that higher means "more member-like".
+Position ``t`` of a sequence ``x[0..n-1]`` is stored at index ``t - 1`` of each array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_K_FRACTION = 0.2
+
+EZ_OK = "ok"
+EZ_TOO_FEW_ERRORS = "too_few_errors"
+EZ_NO_NEGATIVE_SHIFT = "no_negative_shift"
+EZ_EMPTY = "empty"
+EZ_TOO_SHORT = "too_short"
+EZ_STATUSES = (EZ_OK, EZ_TOO_FEW_ERRORS, EZ_NO_NEGATIVE_SHIFT, EZ_EMPTY, EZ_TOO_SHORT)
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-position statistics of one sequence, for positions ``t = 1..n-1``.
+
+    ``mu``/``sigma`` are the mean and standard deviation of ``log p(v)`` under the target's
+    next-token distribution; ``None`` when the backend cannot see the full distribution.
+    """
+
+    lp_target: np.ndarray
+    lp_reference: np.ndarray
+    target_top1: np.ndarray
+    mu: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+
+    @property
+    def n_positions(self) -> int:
+        return int(self.lp_target.shape[0])
+
+    @classmethod
+    def empty(cls, with_distribution: bool = True) -> TokenStats:
+        """Statistics of a sequence with fewer than two tokens (no predicted position)."""
+        zeros = np.zeros(0, dtype=np.float64)
+        dist = zeros if with_distribution else None
+        return cls(zeros, zeros, np.zeros(0, dtype=bool), dist, dist)
+
+
+@dataclass(frozen=True)
+class EzResult:
+    score: float
+    status: str
+    n_errors: int
+
+
+def ez_score(stats: TokenStats, n_tokens: int) -> EzResult:
+    """The Error Zone score: positive over negative log-prob shift where the target errs.
+
+    Skips position ``t = 1``, as the reference code does. Edge cases score 0.0 (as in the
+    reference code) and carry an explicit status so nobody mistakes them for "safe".
+    """
+    if n_tokens == 0:
+        return EzResult(0.0, EZ_EMPTY, 0)
+    if n_tokens < 3:
+        return EzResult(0.0, EZ_TOO_SHORT, 0)
+    errors = ~stats.target_top1[1:]
+    delta = (stats.lp_target[1:] - stats.lp_reference[1:])[errors]
+    n_errors = int(errors.sum())
+    if n_errors < 2:
+        return EzResult(0.0, EZ_TOO_FEW_ERRORS, n_errors)
+    positive = float(delta[delta > 0].sum())
+    negative = float(-delta[delta < 0].sum())
+    if not negative > 0:
+        return EzResult(0.0, EZ_NO_NEGATIVE_SHIFT, n_errors)
+    return EzResult(positive / negative, EZ_OK, n_errors)
+
+
+def _lowest_k_mean(values: np.ndarray, fraction: float = MIN_K_FRACTION) -> float:
+    k = max(1, int(values.shape[0] * fraction))
+    return float(np.sort(values)[:k].mean())
+
+
+def loss_score(stats: TokenStats, zlib_size: int) -> float:
+    """LOSS: negated mean target loss."""
+    return float(stats.lp_target.mean())
+
+
+def ref_ratio_score(stats: TokenStats, zlib_size: int) -> float:
+    """Reference ratio: reference loss minus target loss."""
+    return float(stats.lp_target.mean() - stats.lp_reference.mean())
+
+
+def zlib_score(stats: TokenStats, zlib_size: int) -> float:
+    """zlib: negated target loss over the zlib-compressed size of the scored text."""
+    return float(stats.lp_target.mean() / zlib_size) if zlib_size > 0 else float("nan")
+
+
+def min_k_score(stats: TokenStats, zlib_size: int) -> float:
+    """Min-K%: mean of the lowest k% target log-probs."""
+    return _lowest_k_mean(stats.lp_target)
+
+
+def min_k_pp_score(stats: TokenStats, zlib_size: int) -> float:
+    """Min-K%++: mean of the lowest k% of standardized target log-probs."""
+    if stats.mu is None or stats.sigma is None:
+        return float("nan")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (stats.lp_target - stats.mu) / stats.sigma
+    return _lowest_k_mean(z)
+
+
+BaselineScore = Callable[[TokenStats, int], float]
+
+BASELINES: dict[str, BaselineScore] = {
+    "loss": loss_score,
+    "ref_ratio": ref_ratio_score,
+    "zlib": zlib_score,
+    "min_k": min_k_score,
+    "min_k_pp": min_k_pp_score,
+}
+
+SCORE_COLUMNS = ("ez_score", *BASELINES)
+
+
+def score_sequence(stats: TokenStats, n_tokens: int, zlib_size: int) -> dict[str, object]:
+    """Every score of one sequence, plus the EZ status and counts; NaN where undefined."""
+    ez = ez_score(stats, n_tokens)
+    row: dict[str, object] = {
+        "ez_score": ez.score,
+        "ez_status": ez.status,
+        "n_scored": stats.n_positions,
+        "n_errors": ez.n_errors,
+    }
+    for name, fn in BASELINES.items():
+        row[name] = fn(stats, zlib_size) if stats.n_positions > 0 else float("nan")
+    return row
