@@ -28,10 +28,15 @@ SCORE_FIELDS = [
 when present. Every score column: higher = more member-like."""
 
 
-def scores_schema(id_type: pa.DataType, labelled: bool, with_text: bool) -> pa.Schema:
+def scores_schema(
+    id_type: pa.DataType, labelled: bool, flagged: bool, with_text: bool
+) -> pa.Schema:
+    """The scores table's schema for one audit's options."""
     fields = [pa.field("id", id_type), *SCORE_FIELDS]
     if labelled:
         fields.append(pa.field("is_member", pa.bool_()))
+    if flagged:
+        fields.append(pa.field("flagged", pa.bool_()))
     if with_text:
         fields.append(pa.field("text", pa.string()))
     return pa.schema(fields, metadata={"ezmia_schema_version": str(SCHEMA_VERSION)})

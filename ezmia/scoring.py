@@ -16,9 +16,15 @@ from ezmia.text import tokenize
 
 
 def score_rows(
-    rows: pa.Table, backend: ScoringBackend, tokenizer, max_length: int, include_text: bool
+    rows: pa.Table,
+    backend: ScoringBackend,
+    tokenizer,
+    max_length: int,
+    include_text: bool,
+    flag_threshold: float | None = None,
 ) -> pa.Table:
-    """Score rows with columns ``id``, ``text`` (and ``is_member``) into the scores schema."""
+    """Score rows with columns ``id``, ``text`` (and ``is_member``) into the scores schema;
+    with ``flag_threshold`` (detection mode), rows scoring above it are ``flagged``."""
     texts = rows.column("text").to_pylist()
     tokens = tokenize(tokenizer, texts, max_length)
     stats = backend.token_stats(tokens.input_ids)
@@ -27,7 +33,8 @@ def score_rows(
         for s, ids, size in zip(stats, tokens.input_ids, tokens.zlib_size, strict=True)
     ]
     labelled = "is_member" in rows.column_names
-    schema = scores_schema(rows.schema.field("id").type, labelled, include_text)
+    detection = flag_threshold is not None
+    schema = scores_schema(rows.schema.field("id").type, labelled, detection, include_text)
     columns = {name: [row[name] for row in scored] for name in scored[0]} if scored else {}
     columns.update(
         id=rows.column("id"),
@@ -38,6 +45,8 @@ def score_rows(
     )
     if labelled:
         columns["is_member"] = rows.column("is_member")
+    if detection:
+        columns["flagged"] = [row["ez_score"] > flag_threshold for row in scored]
     if include_text:
         columns["text"] = rows.column("text")
     return pa.table({f.name: columns.get(f.name, []) for f in schema}, schema=schema)

