@@ -62,7 +62,9 @@ def _add_model_flags(parser: argparse.ArgumentParser, model, helps: dict, prefix
         dest = prefix + name
         origin = typing.get_origin(info.annotation)
         if info.annotation is bool:
-            parser.add_argument(flag, dest=dest, action="store_true", default=None, help=helps[name])
+            parser.add_argument(
+                flag, dest=dest, action="store_true", default=None, help=helps[name]
+            )
         elif origin is list:
             parser.add_argument(flag, dest=dest, action="append", metavar="URI", help=helps[name])
         else:
@@ -157,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ezmia: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ezmia: interrupted; the output has no _SUCCESS and will be replaced on rerun",
-              file=sys.stderr)
+        print(
+            "ezmia: interrupted; the output has no _SUCCESS and will be replaced on rerun",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from ezmia import outputs
 from ezmia.audit import AuditPlan, open_backend
 from ezmia.io import Fragment, normalize, read_fragment
-from ezmia.scoring import score_rows
+from ezmia.scoring import score_tokenized, tokenize_rows
 from ezmia.text import load_tokenizer
 
 ROWS_PER_CHUNK = 512
@@ -25,35 +25,30 @@ class LocalEngine:
     def score(
         self, fragments: list[Fragment], out: str | None, threshold: float | None
     ) -> pa.Table:
-        config = self.plan.config
         parts: list[pa.Table] = []
-        total = sum(f.num_rows for f in fragments)
-        with tqdm(total=total, desc="scoring", unit="seq", disable=None) as bar:
+        with tqdm(total=sum(f.num_rows for f in fragments), desc="scoring", unit="seq") as bar:
             for index, fragment in enumerate(fragments):
-                rows = normalize(
-                    read_fragment(fragment, self.plan.columns), self.plan.columns, fragment.uri
-                )
-                chunks = []
-                for start in range(0, rows.num_rows, ROWS_PER_CHUNK):
-                    chunk = rows.slice(start, ROWS_PER_CHUNK)
-                    chunks.append(
-                        score_rows(
-                            chunk,
-                            self.backend,
-                            self.tokenizer,
-                            config.max_length,
-                            config.include_text,
-                            threshold,
-                        )
-                    )
-                    bar.update(chunk.num_rows)
-                table = pa.concat_tables(chunks)
+                table = self._score_fragment(fragment, threshold, bar)
                 if out is not None:
                     outputs.write_scores(out, table, self.plan.encryption, part=index)
                 parts.append(
                     table.drop_columns(["text"]) if "text" in table.column_names else table
                 )
         return pa.concat_tables(parts)
+
+    def _score_fragment(self, fragment: Fragment, threshold: float | None, bar: tqdm) -> pa.Table:
+        config = self.plan.config
+        rows = normalize(
+            read_fragment(fragment, self.plan.columns), self.plan.columns, fragment.uri
+        )
+        chunks = []
+        for start in range(0, rows.num_rows, ROWS_PER_CHUNK):
+            tokenized = tokenize_rows(
+                rows.slice(start, ROWS_PER_CHUNK), self.tokenizer, config.max_length
+            )
+            chunks.append(score_tokenized(tokenized, self.backend, config.include_text, threshold))
+            bar.update(tokenized.num_rows)
+        return pa.concat_tables(chunks)
 
     def close(self) -> None:
         self.backend.close()

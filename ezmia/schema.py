@@ -40,3 +40,43 @@ def scores_schema(
     if with_text:
         fields.append(pa.field("text", pa.string()))
     return pa.schema(fields, metadata={"ezmia_schema_version": str(SCHEMA_VERSION)})
+
+
+INDEX_METRICS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
+INDEX_SCORES = ("ez_score", "loss", "ref_ratio", "zlib", "min_k", "min_k_pp")
+
+
+def _metric_fields() -> list[pa.Field]:
+    fields = []
+    for score in INDEX_SCORES:
+        for metric in INDEX_METRICS:
+            name = f"{score}_{metric}"
+            fields += [
+                pa.field(name, pa.float64()),
+                pa.field(f"{name}_lo", pa.float64()),
+                pa.field(f"{name}_hi", pa.float64()),
+            ]
+    return fields
+
+
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("audited_at", pa.timestamp("us", tz="UTC")),
+        pa.field("checkpoint", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("reference", pa.string()),
+        pa.field("target_is_adapter", pa.bool_()),
+        pa.field("target_fingerprint", pa.string()),
+        pa.field("dataset", pa.string()),
+        pa.field("mode", pa.string()),
+        pa.field("n", pa.int64()),
+        pa.field("n_ok", pa.int64()),
+        pa.field("backend", pa.string()),
+        *_metric_fields(),
+        pa.field("verdict", pa.string()),
+        pa.field("report_uri", pa.string()),
+        pa.field("schema_version", pa.int32()),
+    ],
+    metadata={"ezmia_schema_version": str(SCHEMA_VERSION)},
+)
+"""``OUT/index/date=YYYY-MM-DD/*.parquet``: one row per audit (org-wide job and nightly scan)."""

@@ -1,7 +1,7 @@
-"""Scoring one batch of rows: text -> tokens -> both passes -> every score.
+"""Scoring rows in two steps: tokenize (CPU), then both passes and every score (backend).
 
-The local engine calls it on the whole dataset in chunks; the Ray engine's actors call it on
-each block. Nothing here knows where the rows came from or where they go.
+The local engine runs both steps in this process; the Ray engine runs the first as CPU
+tasks and the second on its scoring actors. Nothing here knows where rows come from or go.
 """
 
 from __future__ import annotations
@@ -14,39 +14,47 @@ from ezmia.schema import scores_schema
 from ezmia.scores import score_sequence
 from ezmia.text import tokenize
 
+TOKEN_COLUMNS = ("input_ids", "truncated", "zlib_size", "text_sha256")
 
-def score_rows(
+
+def tokenize_rows(rows: pa.Table, tokenizer, max_length: int) -> pa.Table:
+    """Add ``input_ids``, ``truncated``, ``zlib_size`` and ``text_sha256`` to rows."""
+    tokens = tokenize(tokenizer, rows.column("text").to_pylist(), max_length)
+    columns = {
+        "input_ids": pa.array(tokens.input_ids, pa.list_(pa.int32())),
+        "truncated": pa.array(tokens.truncated, pa.bool_()),
+        "zlib_size": pa.array(tokens.zlib_size, pa.int64()),
+        "text_sha256": pa.array(tokens.text_sha256, pa.string()),
+    }
+    for name, values in columns.items():
+        rows = rows.append_column(name, values)
+    return rows
+
+
+def score_tokenized(
     rows: pa.Table,
     backend: ScoringBackend,
-    tokenizer,
-    max_length: int,
     include_text: bool,
     flag_threshold: float | None = None,
 ) -> pa.Table:
-    """Score rows with columns ``id``, ``text`` (and ``is_member``) into the scores schema;
-    with ``flag_threshold`` (detection mode), rows scoring above it are ``flagged``."""
-    texts = rows.column("text").to_pylist()
-    tokens = tokenize(tokenizer, texts, max_length)
-    stats = backend.token_stats(tokens.input_ids)
+    """Score tokenized rows into the scores schema; with ``flag_threshold`` (detection
+    mode), rows scoring above it are ``flagged``."""
+    input_ids = rows.column("input_ids").to_pylist()
+    stats = backend.token_stats(input_ids)
+    zlib_sizes = rows.column("zlib_size").to_pylist()
     scored = [
         score_sequence(s, len(ids), size)
-        for s, ids, size in zip(stats, tokens.input_ids, tokens.zlib_size, strict=True)
+        for s, ids, size in zip(stats, input_ids, zlib_sizes, strict=True)
     ]
     labelled = "is_member" in rows.column_names
     detection = flag_threshold is not None
     schema = scores_schema(rows.schema.field("id").type, labelled, detection, include_text)
-    columns = {name: [row[name] for row in scored] for name in scored[0]} if scored else {}
-    columns.update(
-        id=rows.column("id"),
-        n_tokens=[len(ids) for ids in tokens.input_ids],
-        truncated=tokens.truncated,
-        text_sha256=tokens.text_sha256,
-        source_row=rows.column(ROW_INDEX),
-    )
-    if labelled:
-        columns["is_member"] = rows.column("is_member")
+    columns: dict = {name: [row[name] for row in scored] for name in scored[0]} if scored else {}
+    columns["n_tokens"] = [len(ids) for ids in input_ids]
+    columns["source_row"] = rows.column(ROW_INDEX)
     if detection:
         columns["flagged"] = [row["ez_score"] > flag_threshold for row in scored]
-    if include_text:
-        columns["text"] = rows.column("text")
+    for name in ("id", "truncated", "text_sha256", "is_member", "text"):
+        if name in schema.names:
+            columns[name] = rows.column(name)
     return pa.table({f.name: columns.get(f.name, []) for f in schema}, schema=schema)

@@ -1,0 +1,73 @@
+"""The audit index: one Parquet row per audit, Hive-partitioned by date, never rewritten.
+
+Reports of a multi-audit run go under ``ROOT/date=YYYY-MM-DD/checkpoint=<name>/``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import re
+import uuid
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ezmia import storage
+from ezmia.audit import AuditResult
+from ezmia.schema import INDEX_METRICS, INDEX_SCHEMA, INDEX_SCORES, SCHEMA_VERSION
+
+
+def today() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def safe_name(name: str) -> str:
+    """A checkpoint name usable as one path segment."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "checkpoint"
+
+
+def report_location(root: str, name: str, date: str | None = None) -> str:
+    return storage.join(root, f"date={date or today()}", f"checkpoint={safe_name(name)}")
+
+
+def index_row(result: AuditResult, dataset: str) -> dict:
+    """The index row of one finished audit."""
+    summary = result.summary
+    row: dict = {
+        "audited_at": dt.datetime.now(dt.timezone.utc),
+        "checkpoint": summary["name"],
+        "target": summary["models"]["target"],
+        "reference": summary["models"]["reference"],
+        "target_is_adapter": summary["models"]["target_is_adapter"],
+        "target_fingerprint": summary["models"]["fingerprints"].get("target"),
+        "dataset": dataset,
+        "mode": summary["mode"],
+        "n": summary["n_rows"],
+        "n_ok": summary["status_counts"].get("ok", 0),
+        "backend": summary["backend"]["name"],
+        "verdict": summary["verdict"]["level"],
+        "report_uri": storage.join(result.out, "report.html"),
+        "schema_version": SCHEMA_VERSION,
+    }
+    for score in INDEX_SCORES:
+        values = summary.get("metrics", {}).get(score, {})
+        for metric in INDEX_METRICS:
+            name = f"{score}_{metric}"
+            low, high = values.get(f"{metric}_ci95", [None, None])
+            row.update({name: values.get(metric), f"{name}_lo": low, f"{name}_hi": high})
+    return row
+
+
+def write_index(
+    root: str, rows: list[dict], encryption: storage.Encryption | None = None
+) -> str | None:
+    """Append rows as a new file under ``ROOT/index/date=.../``; returns its URI."""
+    if not rows:
+        return None
+    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    uri = storage.join(root, "index", f"date={today()}", f"audits-{uuid.uuid4().hex[:12]}.parquet")
+    storage.write_bytes(uri, buffer.getvalue(), encryption)
+    return uri

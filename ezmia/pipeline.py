@@ -1,0 +1,126 @@
+"""The Ray engine, in the shape of Ray Data batch inference:
+
+    fragments -> read (CPU tasks) -> tokenize (CPU tasks)
+              -> score (actor pool holding target and reference) -> write_parquet(OUT/scores/)
+
+The driver then gets the score columns only (never texts) for the summary and report.
+Scoring actors are restarted by Ray Data when they die and their batches retried; output is
+written only after every block is materialized, so each input row appears exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+
+import pyarrow as pa
+
+from ezmia import storage
+from ezmia.audit import AuditPlan, open_backend
+from ezmia.config import AuditConfig
+from ezmia.io import Columns, Fragment, normalize, read_fragment
+from ezmia.models import plan_models
+from ezmia.outputs import SCORES_DIR
+from ezmia.scoring import score_tokenized, tokenize_rows
+from ezmia.text import load_tokenizer
+
+
+def _read(batch: dict, columns: Columns) -> pa.Table:
+    """Read the fragments named in a batch of ``Fragment`` fields."""
+    fragments = [Fragment(**row) for row in pa.table(batch).to_pylist()]
+    return pa.concat_tables(
+        [normalize(read_fragment(f, columns), columns, f.uri) for f in fragments],
+        promote_options="permissive",
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    return load_tokenizer(Path(path))
+
+
+def _tokenize(rows: pa.Table, tokenizer_path: str, max_length: int) -> pa.Table:
+    return tokenize_rows(rows, _tokenizer(tokenizer_path), max_length)
+
+
+class BlockScorer:
+    """A scoring actor: loads the models once (resolving them on its own node), then scores
+    each tokenized batch."""
+
+    def __init__(self, config: AuditConfig, threshold: float | None) -> None:
+        models = plan_models(
+            config.target,
+            config.reference,
+            allow_pickle=config.allow_pickle,
+            trust_remote_code=config.trust_remote_code,
+            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        )
+        plan = AuditPlan(config, models, Columns(), [], [], storage.Encryption())
+        self.backend, _ = open_backend(plan)
+        self.include_text = config.include_text
+        self.threshold = threshold
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        return score_tokenized(rows, self.backend, self.include_text, self.threshold)
+
+
+class RayEngine:
+    """Scores on a Ray cluster (``RAY_ADDRESS``, ``config.ray.address``, or a local one)."""
+
+    def __init__(self, plan: AuditPlan) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=plan.config.ray.address, log_to_driver=True)
+        self.plan = plan
+        self.backend_choice = {"name": "torch", "reason": "PyTorch backend on Ray actors"}
+
+    def score(
+        self, fragments: list[Fragment], out: str | None, threshold: float | None
+    ) -> pa.Table:
+        import ray
+
+        config = self.plan.config
+        options = config.ray
+        blocks = max(1, math.ceil(sum(f.num_rows for f in fragments) / options.rows_per_block))
+        ds = (
+            ray.data.from_items([dataclasses.asdict(f) for f in fragments])
+            .map_batches(
+                _read,
+                fn_kwargs={"columns": self.plan.columns},
+                batch_size=1,
+                batch_format="pyarrow",
+            )
+            .repartition(blocks)
+            .map_batches(
+                _tokenize,
+                fn_kwargs={
+                    "tokenizer_path": str(self.plan.models.tokenizer),
+                    "max_length": config.max_length,
+                },
+                batch_format="pyarrow",
+            )
+            .map_batches(
+                BlockScorer,
+                fn_constructor_kwargs={"config": config, "threshold": threshold},
+                compute=ray.data.ActorPoolStrategy(
+                    min_size=options.min_actors,
+                    max_size=max(options.min_actors, options.max_actors),
+                ),
+                num_gpus=options.gpus_per_actor,
+                num_cpus=options.cpus_per_actor,
+                batch_size=options.rows_per_block,
+                batch_format="pyarrow",
+            )
+            .materialize()
+        )
+        if out is not None:
+            ds.write_parquet(storage.join(out, SCORES_DIR))
+        columns = [c for c in ds.schema().names if c != "text"]
+        tables = ray.get(ds.select_columns(columns).to_arrow_refs())
+        return pa.concat_tables(tables).sort_by("source_row")
+
+    def close(self) -> None:
+        """The cluster stays up; actors are released with the dataset."""
