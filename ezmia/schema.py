@@ -80,3 +80,36 @@ INDEX_SCHEMA = pa.schema(
     metadata={"ezmia_schema_version": str(SCHEMA_VERSION)},
 )
 """``OUT/index/date=YYYY-MM-DD/*.parquet``: one row per audit (org-wide job and nightly scan)."""
+
+
+LEDGER_STATUSES = ("audited", "skipped", "failed", "unchanged")
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("scan_id", pa.string()),
+        pa.field("scanned_at", pa.timestamp("us", tz="UTC")),
+        pa.field("checkpoint", pa.string()),
+        pa.field("checkpoint_uri", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("fingerprint", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("report_uri", pa.string()),
+        pa.field("verdict", pa.string()),
+        pa.field("leakage", pa.string()),
+        pa.field("ez_auc", pa.float64()),
+        pa.field("ez_tpr_at_1pct_fpr", pa.float64()),
+        pa.field("ez_tpr_at_0_1pct_fpr", pa.float64()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("schema_version", pa.int32()),
+    ],
+    metadata={"ezmia_schema_version": str(SCHEMA_VERSION)},
+)
+"""``OUT/ledger/date=YYYY-MM-DD/scan-<scan_id>-<n>.parquet``: one row per checkpoint per
+nightly scan. ``status`` is one of ``LEDGER_STATUSES``; ``kind`` is ``full`` or ``lora``;
+``verdict`` (``pass``/``fail``) is the policy's, ``leakage`` the audit's level."""
+
+ALERTS_SCHEMA = LEDGER_SCHEMA
+"""``OUT/alerts/date=YYYY-MM-DD/alerts-<scan_id>.json``: JSON Lines, one object per failing
+checkpoint of one scan (policy breach or audit error), with the ledger's columns;
+``scanned_at`` is an ISO 8601 string there."""
