@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--config", help="YAML file with any of these options (flags override)")
     _add_model_flags(audit, AuditConfig, AUDIT_HELP)
     _add_model_flags(audit, RayOptions, RAY_FLAGS, prefix="ray_")
+    batch = commands.add_parser(
+        "batch",
+        help="run many audits from one YAML (the org-wide Ray job); index them",
+        description="Example: ezmia batch --config jobs/audit.example.yaml",
+    )
+    batch.add_argument("--config", required=True, help="YAML: out, defaults, audits")
     report = commands.add_parser("report", help="re-render report.html from an audit's scores")
     report.add_argument("out", help="an audit output directory or s3:// prefix")
     demo = commands.add_parser("demo", help="offline demo: full fine-tune vs LoRA, audited")
@@ -133,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         print(result.summary["verdict"]["text"])
         print(f"report: {result.out.rstrip('/')}/report.html")
         return 0
+    if args.command == "batch":
+        from ezmia.batch import run_batch
+
+        return run_batch(args.config)
     if args.command == "report":
         from ezmia.report import rerender
 

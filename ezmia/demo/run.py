@@ -1,0 +1,166 @@
+"""``ezmia demo``: the paper's full-vs-LoRA comparison in miniature, offline.
+
+Builds (once, cached) a tokenizer, a small GPT-2 base, a full fine-tune and a LoRA
+fine-tune on Python's own docstrings, audits both targets and prints the table. With
+``--data-uri s3://...`` and a Ray cluster (``RAY_ADDRESS``), the models and data are staged
+in S3 and the audits run as a ``ray job submit`` of ``jobs/audit.py``, as in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from ezmia import storage
+from ezmia.demo.build import DemoArtifacts, build_demo_artifacts
+from ezmia.demo.train import DEMO_SIZES
+from ezmia.models import default_cache_dir
+
+REPO = Path(__file__).resolve().parents[2]
+COUNTS = {"n_pretrain": 3000, "n_members": 500, "n_nonmembers": 500}
+SCORES = ("ez_score", "loss", "ref_ratio", "zlib", "min_k", "min_k_pp")
+LABELS = {
+    "ez_score": "EZ-MIA",
+    "loss": "LOSS",
+    "ref_ratio": "Ref ratio",
+    "zlib": "zlib",
+    "min_k": "Min-K%",
+    "min_k_pp": "Min-K%++",
+}
+
+
+def batch_spec(artifacts: dict[str, str], out: str, engine: str) -> dict:
+    """The two audits of the demo, as an ``ezmia batch`` config."""
+    common = {
+        "reference": artifacts["base"],
+        "members": [artifacts["members"]],
+        "nonmembers": [artifacts["nonmembers"]],
+        "engine": engine,
+        "bootstrap_rounds": 100,
+        "overwrite": True,
+    }
+    return {
+        "out": out,
+        "defaults": common,
+        "audits": [
+            {"name": "full-finetune", "target": artifacts["full"]},
+            {"name": "lora-finetune", "target": artifacts["lora"]},
+        ],
+    }
+
+
+def stage(built: DemoArtifacts, data_uri: str) -> dict[str, str]:
+    """Copy models and data under ``data_uri`` (skipped for local runs)."""
+    local = {
+        "base": built.base,
+        "full": built.full,
+        "lora": built.lora,
+        "members": built.members,
+        "nonmembers": built.nonmembers,
+    }
+    if not storage.is_s3(data_uri):
+        return {name: str(path) for name, path in local.items()}
+    staged = {}
+    for name, path in local.items():
+        uri = storage.join(data_uri, built.root.name, path.name)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            rel = file.name if path.is_file() else str(file.relative_to(path))
+            target = uri if path.is_file() else storage.join(uri, rel)
+            storage.write_bytes(target, file.read_bytes())
+        staged[name] = uri
+    return staged
+
+
+def submit(config_uri: str, timeout_s: float = 1200) -> None:
+    """``ray job submit`` of jobs/audit.py to the cluster at ``RAY_ADDRESS``; waits for it."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "EZMIA_CACHE"}
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} jobs/audit.py --config {config_uri}",
+        runtime_env={
+            "working_dir": str(REPO),
+            "env_vars": env,
+            "excludes": [".venv", ".cache", ".git", "demo-out", "*.parquet"],
+        },
+    )
+    print(f"submitted Ray job {job}")
+    deadline = time.time() + timeout_s
+    while not (status := client.get_job_status(job)).is_terminal():
+        if time.time() > deadline:
+            client.stop_job(job)
+            raise TimeoutError(f"Ray job {job} did not finish in {timeout_s:.0f} s")
+        time.sleep(2)
+    print(client.get_job_logs(job)[-2000:])
+    if status != JobStatus.SUCCEEDED:
+        raise RuntimeError(f"Ray job {job} ended {status}")
+
+
+def table(summaries: dict[str, dict]) -> str:
+    """The paper's table in miniature: every score, full fine-tune vs LoRA."""
+    head = (
+        f"{'score':<10}"
+        + "".join(f"| {name:^27}" for name in summaries)
+        + "\n"
+        + f"{'':<10}"
+        + "| AUC    TPR@1%  TPR@0.1% " * len(summaries)
+    )
+    lines = [head, "-" * len(head.splitlines()[1])]
+    for score in SCORES:
+        cells = []
+        for summary in summaries.values():
+            m = summary["metrics"].get(score)
+            cells.append(
+                f"| {m['auc']:.3f}  {m['tpr_at_1pct_fpr']:6.1%}  {m['tpr_at_0_1pct_fpr']:6.1%}  "
+                if m
+                else f"| {'n/a':<26}"
+            )
+        lines.append(f"{LABELS[score]:<10}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_demo(out: str, data_uri: str | None) -> int:
+    started = time.time()
+    built = build_demo_artifacts(default_cache_dir() / "demo", DEMO_SIZES, **COUNTS, log=print)
+    print(f"models ready in {time.time() - started:.0f} s: {built.root}")
+    use_job = bool(data_uri and os.environ.get("RAY_ADDRESS"))
+    artifacts = stage(built, data_uri) if data_uri else stage(built, str(built.root))
+    spec = batch_spec(artifacts, out, engine="ray" if use_job else "local")
+    spec["date"] = "demo"
+    config_uri = storage.join(data_uri or tempfile.mkdtemp(), "demo-audits.yaml")
+    storage.write_bytes(config_uri, yaml.safe_dump(spec).encode())
+    if use_job:
+        submit(config_uri)
+    else:
+        from ezmia.batch import run_batch
+
+        if run_batch(config_uri):
+            return 1
+    from ezmia.index import report_location
+
+    summaries = {}
+    for audit in spec["audits"]:
+        location = report_location(out, audit["name"], "demo")
+        summaries[audit["name"]] = json.loads(
+            storage.read_bytes(storage.join(location, "summary.json"))
+        )
+    print()
+    print(table(summaries))
+    print()
+    local_dir = Path("demo-out")
+    for name in summaries:
+        report = storage.join(report_location(out, name, "demo"), "report.html")
+        copy = local_dir / f"{name}.html"
+        copy.parent.mkdir(exist_ok=True)
+        copy.write_bytes(storage.read_bytes(report))
+        print(f"{name}: {report} (copy: {copy})")
+    print(f"demo finished in {time.time() - started:.0f} s")
+    return 0

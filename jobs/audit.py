@@ -1,0 +1,16 @@
+"""Ray job entrypoint for an organization-wide audit.
+
+    ray job submit --working-dir . -- python jobs/audit.py --config jobs/audit.example.yaml
+
+Runs ``ezmia batch``: every audit in the YAML on the job's Ray cluster.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ezmia.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["batch", *sys.argv[1:]]))

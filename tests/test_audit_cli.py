@@ -1,0 +1,226 @@
+"""``ezmia audit`` end to end on tiny real models: outputs, modes, refusals, S3 in and out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from ezmia.cli import main
+from tests.conftest import upload_dir
+
+SCORE_COLUMNS = [
+    "id",
+    "ez_score",
+    "ez_status",
+    "n_tokens",
+    "n_scored",
+    "n_errors",
+    "truncated",
+    "loss",
+    "ref_ratio",
+    "zlib",
+    "min_k",
+    "min_k_pp",
+]
+
+
+def run_audit(models, out, *extra, target=None):
+    args = [
+        "audit",
+        "--target",
+        str(target or models.full),
+        "--reference",
+        str(models.base),
+        "--data",
+        str(models.eval),
+        "--id-column",
+        "id",
+        "--label-column",
+        "is_member",
+        "--out",
+        str(out),
+        "--max-length",
+        "64",
+        "--bootstrap-rounds",
+        "20",
+        *extra,
+    ]
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def full_audit(models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "full"
+    assert run_audit(models, out) == 0
+    return out
+
+
+def test_audit_writes_scores_summary_report_and_success(full_audit, models):
+    assert sorted(p.name for p in full_audit.iterdir()) == [
+        "_SUCCESS",
+        "report.html",
+        "scores",
+        "summary.json",
+    ]
+    scores = pq.read_table(full_audit / "scores")
+    assert set(SCORE_COLUMNS + ["is_member", "text_sha256"]) <= set(scores.column_names)
+    assert "text" not in scores.column_names
+    assert scores.schema.field("ez_score").type == pa.float64()
+    source = pq.read_table(models.eval)
+    assert sorted(scores.column("id").to_pylist()) == sorted(source.column("id").to_pylist())
+
+
+def test_summary_aucs_agree_with_the_written_scores(full_audit):
+    scores = pq.read_table(full_audit / "scores")
+    summary = json.loads((full_audit / "summary.json").read_text())
+    labels = scores.column("is_member").to_numpy(zero_copy_only=False)
+    for name in ("ez_score", "loss", "ref_ratio", "zlib", "min_k", "min_k_pp"):
+        values = scores.column(name).to_numpy(zero_copy_only=False)
+        finite = np.isfinite(values)
+        assert summary["metrics"][name]["auc"] == pytest.approx(
+            roc_auc_score(labels[finite], values[finite])
+        )
+        low, high = summary["metrics"][name]["auc_ci95"]
+        assert low <= high
+    assert summary["backend"]["name"] == "torch"
+    assert sum(summary["status_counts"].values()) == scores.num_rows
+    assert summary["models"]["fingerprints"]["target"]
+
+
+def test_full_fine_tune_is_detected_by_ez(full_audit):
+    summary = json.loads((full_audit / "summary.json").read_text())
+    assert summary["metrics"]["ez_score"]["auc"] > 0.7
+
+
+def test_finished_output_is_refused_unless_overwrite(full_audit, models, capsys):
+    before = (full_audit / "summary.json").read_text()
+    assert run_audit(models, full_audit) == 2
+    assert "already holds a finished audit" in capsys.readouterr().err
+    assert (full_audit / "summary.json").read_text() == before
+
+
+def test_overwrite_replaces_a_finished_output(models, tmp_path):
+    out = tmp_path / "o"
+    assert run_audit(models, out) == 0
+    (out / "scores" / "stale.parquet").write_bytes(b"junk")
+    assert run_audit(models, out, "--overwrite") == 0
+    assert not (out / "scores" / "stale.parquet").exists()
+
+
+def test_lora_adapter_target_audits_on_its_base(models, tmp_path):
+    out = tmp_path / "lora"
+    assert run_audit(models, out, target=models.lora) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["target_is_adapter"] is True
+    assert pq.read_table(out / "scores").num_rows == pq.read_table(models.eval).num_rows
+
+
+def test_include_text_copies_texts_into_scores(models, tmp_path):
+    out = tmp_path / "t"
+    assert run_audit(models, out, "--include-text") == 0
+    assert "text" in pq.read_table(out / "scores").column_names
+
+
+def test_detection_mode_flags_candidates_above_the_calibration_threshold(models, tmp_path):
+    out = tmp_path / "d"
+    code = main(
+        [
+            "audit",
+            "--target",
+            str(models.full),
+            "--reference",
+            str(models.base),
+            "--data",
+            str(models.members),
+            "--calibration",
+            str(models.nonmembers),
+            "--fpr",
+            "0.05",
+            "--out",
+            str(out),
+            "--max-length",
+            "64",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    scores = pq.read_table(out / "scores")
+    threshold = summary["detection"]["threshold"]
+    flagged = scores.column("flagged").to_numpy(zero_copy_only=False)
+    assert (flagged == (scores.column("ez_score").to_numpy() > threshold)).all()
+    assert summary["detection"]["n_flagged"] == int(flagged.sum())
+
+
+def test_report_command_rerenders_from_scores(full_audit):
+    (full_audit / "report.html").unlink()
+    assert main(["report", str(full_audit)]) == 0
+    assert "<svg" in (full_audit / "report.html").read_text()
+
+
+def test_missing_text_column_is_a_one_line_error_and_no_output(models, tmp_path, capsys):
+    out = tmp_path / "bad"
+    assert run_audit(models, out, "--text-column", "body") == 2
+    err = capsys.readouterr().err
+    assert "no column 'body'" in err and str(models.eval) in err
+    assert not out.exists()
+
+
+def test_python_dash_m_ezmia_shows_help():
+    done = subprocess.run(
+        [sys.executable, "-m", "ezmia", "audit", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--target" in done.stdout and "--label-column" in done.stdout
+
+
+def test_s3_data_and_output(models, s3, bucket, tmp_path):
+    client = s3.client()
+    client.upload_file(str(models.eval), bucket, "data/eval.parquet")
+    target = upload_dir(client, models.full, bucket, "models/full")
+    out = f"s3://{bucket}/audits/full"
+    code = main(
+        [
+            "audit",
+            "--target",
+            target,
+            "--reference",
+            str(models.base),
+            "--data",
+            f"s3://{bucket}/data/",
+            "--label-column",
+            "is_member",
+            "--id-column",
+            "id",
+            "--out",
+            out,
+            "--max-length",
+            "64",
+            "--bootstrap-rounds",
+            "10",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    assert code == 0
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="audits/")["Contents"]]
+    assert "audits/full/_SUCCESS" in keys and "audits/full/summary.json" in keys
+    local = tmp_path / "local"
+    assert run_audit(models, local) == 0
+    remote = pq.read_table(f"{out}/scores/".replace("s3://", ""), filesystem=_fs()).sort_by("id")
+    here = pq.read_table(local / "scores").sort_by("id")
+    np.testing.assert_allclose(remote.column("ez_score"), here.column("ez_score"), rtol=1e-6)
+
+
+def _fs():
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri("s3://x")[0]

@@ -1,0 +1,85 @@
+"""The PyTorch backend: exact statistics, invariance to batching and order, shared-base
+adapters equal to merged models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ezmia.backends.torch import TorchBackend
+from ezmia.models import merged_adapter_dir, plan_models
+from ezmia.scores import score_sequence
+from ezmia.text import load_tokenizer, tokenize
+from tests.reference_ez import naive_ez
+
+
+@pytest.fixture(scope="module")
+def sequences(models):
+    import pyarrow.parquet as pq
+
+    texts = pq.read_table(models.eval).column("text").to_pylist()[:24]
+    tokenizer = load_tokenizer(models.base)
+    return tokenize(tokenizer, [*texts, "", "a"], max_length=64).input_ids
+
+
+@pytest.fixture(scope="module")
+def full_backend(models):
+    return TorchBackend(plan_models(str(models.full), str(models.base)), batch_size=4)
+
+
+def test_scores_match_an_independent_implementation(full_backend, sequences):
+    for ids, stats in zip(sequences, full_backend.token_stats(sequences), strict=True):
+        expected, status = naive_ez(full_backend.target, full_backend.reference, ids)
+        row = score_sequence(stats, len(ids), zlib_size=1)
+        assert row["ez_status"] == status
+        assert row["ez_score"] == pytest.approx(expected, rel=1e-5, abs=1e-9)
+
+
+def test_statistics_do_not_depend_on_batch_size_or_row_order(models, full_backend, sequences):
+    other = TorchBackend(plan_models(str(models.full), str(models.base)), batch_size=7)
+    order = np.random.default_rng(0).permutation(len(sequences))
+    shuffled = other.token_stats([sequences[i] for i in order])
+    baseline = full_backend.token_stats(sequences)
+    for position, index in enumerate(order):
+        a, b = baseline[index], shuffled[position]
+        np.testing.assert_allclose(a.lp_target, b.lp_target, atol=1e-6)
+        np.testing.assert_allclose(a.lp_reference, b.lp_reference, atol=1e-6)
+        assert (a.target_top1 == b.target_top1).all()
+        ra, rb = (score_sequence(s, len(sequences[index]), 1) for s in (a, b))
+        assert ra["ez_status"] == rb["ez_status"]
+        assert ra["ez_score"] == pytest.approx(rb["ez_score"], rel=1e-6, abs=1e-9)
+
+
+def test_adapter_on_shared_base_equals_the_merged_model(models, sequences, tmp_path):
+    plan = plan_models(str(models.lora), str(models.base))
+    assert plan.target_is_adapter
+    shared = TorchBackend(plan, batch_size=8)
+    assert shared.target is shared.reference  # one copy of the base weights
+    merged = TorchBackend(plan_models(str(merged_adapter_dir(plan, tmp_path)), str(models.base)))
+    for a, b in zip(shared.token_stats(sequences), merged.token_stats(sequences), strict=True):
+        np.testing.assert_allclose(a.lp_target, b.lp_target, atol=1e-5)
+        np.testing.assert_allclose(a.lp_reference, b.lp_reference, atol=1e-5)
+
+
+def test_reference_pass_of_an_adapter_target_is_the_plain_base(models, sequences):
+    shared = TorchBackend(plan_models(str(models.lora), str(models.base)), batch_size=8)
+    base = TorchBackend(plan_models(str(models.base), str(models.base)), batch_size=8)
+    for a, b in zip(shared.token_stats(sequences), base.token_stats(sequences), strict=True):
+        np.testing.assert_allclose(a.lp_reference, b.lp_target, atol=1e-5)
+        assert not np.allclose(a.lp_target, a.lp_reference) or a.n_positions == 0
+
+
+def test_min_k_pp_statistics_are_the_moments_of_the_next_token_distribution(
+    full_backend, sequences
+):
+    ids = next(s for s in sequences if len(s) > 5)
+    stats = full_backend.token_stats([ids])[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(
+            full_backend.target(torch.tensor([ids])).logits[0, :-1].double(), -1
+        )
+    mu = (logp.exp() * logp).sum(-1)
+    sigma = ((logp.exp() * logp.square()).sum(-1) - mu.square()).sqrt()
+    np.testing.assert_allclose(stats.mu, mu.numpy(), atol=1e-4)
+    np.testing.assert_allclose(stats.sigma, sigma.numpy(), atol=1e-4)
