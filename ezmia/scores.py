@@ -18,7 +18,15 @@ EZ_TOO_FEW_ERRORS = "too_few_errors"
 EZ_NO_NEGATIVE_SHIFT = "no_negative_shift"
 EZ_EMPTY = "empty"
 EZ_TOO_SHORT = "too_short"
-EZ_STATUSES = (EZ_OK, EZ_TOO_FEW_ERRORS, EZ_NO_NEGATIVE_SHIFT, EZ_EMPTY, EZ_TOO_SHORT)
+EZ_NON_FINITE = "non_finite"
+EZ_STATUSES = (
+    EZ_OK,
+    EZ_TOO_FEW_ERRORS,
+    EZ_NO_NEGATIVE_SHIFT,
+    EZ_EMPTY,
+    EZ_TOO_SHORT,
+    EZ_NON_FINITE,
+)
 
 
 @dataclass(frozen=True)
@@ -58,22 +66,29 @@ def ez_score(stats: TokenStats, n_tokens: int) -> EzResult:
     """The Error Zone score: positive over negative log-prob shift where the target errs.
 
     Skips position ``t = 1``, as the reference code does. Edge cases score 0.0 (as in the
-    reference code) and carry an explicit status so nobody mistakes them for "safe".
+    reference code) and carry an explicit status so nobody mistakes them for "safe"; a NaN
+    or infinite log-prob shift in the error zone (e.g. fp16 overflow) gives ``non_finite``.
     """
     if n_tokens == 0:
         return EzResult(0.0, EZ_EMPTY, 0)
     if n_tokens < 3:
         return EzResult(0.0, EZ_TOO_SHORT, 0)
     errors = ~stats.target_top1[1:]
-    delta = (stats.lp_target[1:] - stats.lp_reference[1:])[errors]
+    with np.errstate(invalid="ignore"):
+        delta = (stats.lp_target[1:] - stats.lp_reference[1:])[errors]
     n_errors = int(errors.sum())
     if n_errors < 2:
         return EzResult(0.0, EZ_TOO_FEW_ERRORS, n_errors)
+    if not np.isfinite(delta).all():
+        return EzResult(0.0, EZ_NON_FINITE, n_errors)
     positive = float(delta[delta > 0].sum())
     negative = float(-delta[delta < 0].sum())
     if not negative > 0:
         return EzResult(0.0, EZ_NO_NEGATIVE_SHIFT, n_errors)
-    return EzResult(positive / negative, EZ_OK, n_errors)
+    score = positive / negative
+    if not np.isfinite(score):  # sums overflowed
+        return EzResult(0.0, EZ_NON_FINITE, n_errors)
+    return EzResult(score, EZ_OK, n_errors)
 
 
 def _lowest_k_mean(values: np.ndarray, fraction: float = MIN_K_FRACTION) -> float:
@@ -132,6 +147,7 @@ def score_sequence(stats: TokenStats, n_tokens: int, zlib_size: int) -> dict[str
         "n_scored": stats.n_positions,
         "n_errors": ez.n_errors,
     }
-    for name, fn in BASELINES.items():
-        row[name] = fn(stats, zlib_size) if stats.n_positions > 0 else float("nan")
+    with np.errstate(all="ignore"):  # non-finite log-probs give NaN/inf baselines, no warning
+        for name, fn in BASELINES.items():
+            row[name] = fn(stats, zlib_size) if stats.n_positions > 0 else float("nan")
     return row
