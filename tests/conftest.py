@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import tests.infra  # noqa: F401  (sets the loopback-only Ray environment before any ray import)
+
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO / ".cache" / "test-models"
 

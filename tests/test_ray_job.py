@@ -1,0 +1,202 @@
+"""The org-wide audit as a real ``ray job submit`` to a two-node loopback Ray cluster, with
+data, models and reports in a real S3 endpoint (moto server process)."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from ezmia.audit import audit
+from ezmia.config import AuditConfig
+from tests.conftest import REPO, upload_dir
+from tests.infra import (
+    LocalRayCluster,
+    listener_snapshot,
+    listeners_off_loopback,
+    process_tree,
+    sockets_off_loopback,
+)
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    baseline = listener_snapshot()
+    with LocalRayCluster(head_cpus=2, worker_cpus=2) as rc:
+        rc.listener_baseline = baseline
+        yield rc
+
+
+@pytest.fixture(scope="module")
+def staged(models, s3):
+    """Models and data uploaded once to a bucket of their own."""
+    bucket = s3.make_bucket("ray-job")
+    client = s3.client()
+    uris = {
+        name: upload_dir(client, getattr(models, name), bucket, f"models/{name}")
+        for name in ("base", "full", "lora")
+    }
+    client.upload_file(str(models.eval), bucket, "data/eval/part-0.parquet")
+    uris["eval"] = f"s3://{bucket}/data/eval/"
+    uris["bucket"] = bucket
+    return uris
+
+
+def put_yaml(s3, bucket: str, key: str, spec: dict) -> str:
+    s3.client().put_object(Bucket=bucket, Key=key, Body=yaml.safe_dump(spec).encode())
+    return f"s3://{bucket}/{key}"
+
+
+def read_s3_table(s3, uri: str) -> pa.Table:
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    client = s3.client()
+    keys = [
+        o["Key"]
+        for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]
+        if o["Key"].endswith(".parquet")
+    ]
+    tables = [
+        pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=k)["Body"].read()))
+        for k in keys
+    ]
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def submit(cluster, s3, config_uri: str, tmp_path, timeout=420.0):
+    env = {**s3.env, "EZMIA_CACHE": str(tmp_path / "cache")}
+    return cluster.submit_job(f"python jobs/audit.py --config {config_uri}", REPO, env), env
+
+
+def test_two_audit_job_matches_local_engine_and_indexes_both(cluster, s3, staged, models, tmp_path):
+    defaults = {
+        "reference": staged["base"],
+        "data": [staged["eval"]],
+        "id_column": "id",
+        "label_column": "is_member",
+        "max_length": 64,
+        "bootstrap_rounds": 20,
+        "engine": "ray",
+        "ray": {"max_actors": 2, "rows_per_block": 32},
+    }
+    spec = {
+        "out": f"s3://{staged['bucket']}/audits/",
+        "date": "2026-01-02",
+        "defaults": defaults,
+        "audits": [
+            {"name": "full", "target": staged["full"]},
+            {"name": "lora", "target": staged["lora"]},
+        ],
+    }
+    job, _ = submit(cluster, s3, put_yaml(s3, staged["bucket"], "jobs/two.yaml", spec), tmp_path)
+    status, logs = cluster.wait_job(job, timeout=600)
+    assert status == "SUCCEEDED", logs[-3000:]
+    for name in ("full", "lora"):
+        out = f"s3://{staged['bucket']}/audits/date=2026-01-02/checkpoint={name}"
+        s3.client().head_object(Bucket=staged["bucket"], Key=out.split("/", 3)[3] + "/_SUCCESS")
+        remote = read_s3_table(s3, f"{out}/scores/").sort_by("id")
+        local = audit(
+            AuditConfig(
+                **{
+                    **defaults,
+                    "engine": "local",
+                    "target": staged[name],
+                    "out": str(tmp_path / name),
+                    "cache_dir": str(tmp_path / "c"),
+                }
+            )
+        )
+        here = pq.read_table(os.path.join(local.out, "scores")).sort_by("id")
+        assert remote.column("id").to_pylist() == here.column("id").to_pylist()
+        np.testing.assert_allclose(
+            remote.column("ez_score").to_numpy(),
+            here.column("ez_score").to_numpy(),
+            rtol=1e-6,
+            atol=1e-12,
+        )
+        assert remote.column("ez_status").to_pylist() == here.column("ez_status").to_pylist()
+    index = read_s3_table(s3, f"s3://{staged['bucket']}/audits/index/")
+    local_index = tmp_path / "index.parquet"
+    pq.write_table(index, local_index)
+    rows = duckdb.sql(
+        f"select checkpoint, n, ez_score_auc from '{local_index}' order by 1"
+    ).fetchall()
+    assert [r[0] for r in rows] == ["full", "lora"]
+    assert all(r[1] == pq.read_table(models.eval).num_rows and 0 <= r[2] <= 1 for r in rows)
+    ours = process_tree()
+    assert listeners_off_loopback(cluster.listener_baseline, pids=ours) == []
+    assert sockets_off_loopback(ours) == []
+
+
+def _kill_scoring_actor_once(deadline: float, killed: list[int]) -> None:
+    while time.time() < deadline and not killed:
+        found = subprocess.run(
+            ["pgrep", "-f", "MapBatches\\(BlockScorer\\)"], capture_output=True, text=True
+        ).stdout.split()
+        found = [pid for pid in found if int(pid) in process_tree()]
+        if found:
+            time.sleep(3)  # let it load the models and start scoring
+            os.kill(int(found[0]), signal.SIGKILL)
+            killed.append(int(found[0]))
+        time.sleep(0.2)
+
+
+def test_killed_scoring_actor_is_replaced_and_every_row_scored_once(
+    cluster, s3, staged, models, tmp_path
+):
+    rows = pq.read_table(models.eval)
+    big = pa.concat_tables(
+        [
+            rows.set_column(0, "id", pa.array([f"{i}-{v}" for v in rows.column("id").to_pylist()]))
+            for i in range(6)
+        ]
+    )
+    buffer = io.BytesIO()
+    pq.write_table(big, buffer)
+    s3.client().put_object(
+        Bucket=staged["bucket"], Key="data/big/part-0.parquet", Body=buffer.getvalue()
+    )
+    spec = {
+        "out": f"s3://{staged['bucket']}/fault/",
+        "date": "2026-01-03",
+        "audits": [
+            {
+                "name": "full",
+                "target": staged["full"],
+                "reference": staged["base"],
+                "data": [f"s3://{staged['bucket']}/data/big/"],
+                "id_column": "id",
+                "label_column": "is_member",
+                "max_length": 64,
+                "bootstrap_rounds": 0,
+                "engine": "ray",
+                "batch_size": 2,
+                "ray": {"max_actors": 1, "rows_per_block": 8},
+            }
+        ],
+    }
+    job, _ = submit(cluster, s3, put_yaml(s3, staged["bucket"], "jobs/fault.yaml", spec), tmp_path)
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_scoring_actor_once, args=(time.time() + 300, killed))
+    killer.start()
+    status, logs = cluster.wait_job(job, timeout=600)
+    killer.join()
+    assert killed, "no scoring actor was seen to kill"
+    assert status == "SUCCEEDED", logs[-3000:]
+    scores = read_s3_table(
+        s3, f"s3://{staged['bucket']}/fault/date=2026-01-03/checkpoint=full/scores/"
+    )
+    ids = scores.column("id").to_pylist()
+    assert len(ids) == big.num_rows and len(set(ids)) == len(ids)
+    assert set(ids) == set(big.column("id").to_pylist())
