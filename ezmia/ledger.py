@@ -1,0 +1,67 @@
+"""The scan ledger: ``OUT/ledger/date=YYYY-MM-DD/scan-<scan_id>-<n>.parquet``.
+
+Each scan appends small part files (one per finished audit, one for the rest at the end)
+and never rewrites a file, so concurrent scans and analysts can read it at any time.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from ezmia import storage
+from ezmia.schema import LEDGER_SCHEMA
+
+
+class Ledger:
+    """One scan's view of the ledger: what earlier scans audited, and its own new parts."""
+
+    def __init__(self, out: str, scan_id: str, date: str, encryption: storage.Encryption):
+        self.root = storage.join(out, "ledger")
+        self.scan_id, self.date, self.encryption = scan_id, date, encryption
+        self.parts = 0
+        self.seen: set[str] = set()
+        self.audited: dict[tuple[str, str], dict] = {}
+
+    def refresh(self) -> None:
+        """Read the part files written since the last refresh (by any scan)."""
+        files = [
+            f
+            for f in storage.list_files(self.root)
+            if f.endswith(".parquet") and not f.rsplit("/", 1)[-1].startswith((".", "_"))
+        ]
+        new = [f for f in files if f not in self.seen]
+        if not new:
+            return
+        for row in read_rows(new, self.root):
+            if row["status"] == "audited":
+                self.audited[(row["checkpoint_uri"], row["fingerprint"])] = row
+        self.seen.update(new)
+
+    def last_audit(self, uri: str, fingerprint: str) -> dict | None:
+        """The successful audit of this checkpoint at this fingerprint, if any scan has one."""
+        return self.audited.get((uri, fingerprint))
+
+    def append(self, rows: list[dict]) -> str | None:
+        """Write ``rows`` as this scan's next part file; returns its URI."""
+        if not rows:
+            return None
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA), buffer)
+        name = f"scan-{self.scan_id}-{self.parts:04d}.parquet"
+        uri = storage.join(self.root, f"date={self.date}", name)
+        storage.write_bytes(uri, buffer.getvalue(), self.encryption)
+        self.parts += 1
+        self.seen.add(uri)
+        return uri
+
+
+def read_rows(uris: list[str], root: str) -> list[dict]:
+    """Every row of the given ledger part files (read in parallel by pyarrow)."""
+    fs, _ = storage.arrow_filesystem(root)
+    paths = [u[len("s3://") :] if storage.is_s3(u) else u for u in uris]
+    dataset = pads.dataset(paths, schema=LEDGER_SCHEMA, format="parquet", filesystem=fs)
+    return dataset.to_table().to_pylist()

@@ -1,0 +1,159 @@
+"""The scan policy (``policy.yaml``): leakage thresholds with per-prefix overrides, audit
+defaults, and rules that give checkpoints their audit data; and the pass/fail verdict.
+
+Rules, overrides and sidecars are matched on a checkpoint's name (its folder relative to the
+registry, e.g. ``team-a/ckpt-7``) with shell globs (``*`` also crosses ``/``). Every matching
+entry applies in file order, later ones winning key by key. A path value starting with
+``./`` or ``../`` is relative to the folder of the file that names it.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import get_origin
+
+from pydantic import Field, create_model, field_validator
+
+from ezmia import storage
+from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
+
+SET_BY_SCAN = ("target", "out", "name", "overwrite")
+PATH_KEYS = ("members", "nonmembers", "data", "calibration", "reference")
+METRICS = ("tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr", "auc")
+
+LIST_KEYS = [n for n, f in AuditConfig.model_fields.items() if get_origin(f.annotation) is list]
+
+
+def _one_or_many(value):
+    """``members: a.parquet`` means ``members: [a.parquet]``."""
+    return [value] if isinstance(value, str) else value
+
+
+AuditOptions = create_model(  # every AuditConfig field the scan does not set, all optional
+    "AuditOptions",
+    __base__=Strict,
+    __doc__="Audit settings from a sidecar, a policy rule or the policy's audit defaults.",
+    __validators__={"one_or_many": field_validator(*LIST_KEYS, mode="before")(_one_or_many)},
+    **{
+        name: (info.annotation | None, None)
+        for name, info in AuditConfig.model_fields.items()
+        if name not in SET_BY_SCAN
+    },
+)
+
+
+class Thresholds(Strict):
+    """Largest EZ metric values a checkpoint may show and still pass (``None``: no limit)."""
+
+    max_tpr_at_0_1pct_fpr: float | None = Field(0.05, ge=0, le=1)
+    max_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
+    max_auc: float | None = Field(0.75, ge=0, le=1)
+
+
+class Override(Strict):
+    """Thresholds for the checkpoints whose name matches ``match``."""
+
+    match: str
+    max_tpr_at_0_1pct_fpr: float | None = Field(None, ge=0, le=1)
+    max_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
+    max_auc: float | None = Field(None, ge=0, le=1)
+
+
+class Rule(AuditOptions):  # type: ignore[misc,valid-type]
+    """Audit data and settings for the checkpoints whose name matches ``match``."""
+
+    match: str
+
+
+class Policy(Strict):
+    thresholds: Thresholds = Thresholds()
+    overrides: list[Override] = []
+    audit_defaults: AuditOptions = AuditOptions()  # type: ignore[valid-type]
+    rules: list[Rule] = []
+    lock_ttl_hours: float = Field(6.0, gt=0)
+
+    def thresholds_for(self, name: str) -> Thresholds:
+        """Global thresholds with every matching override applied in order."""
+        values = self.thresholds.model_dump()
+        for override in self.overrides:
+            if fnmatchcase(name, override.match):
+                values.update(override.model_dump(exclude={"match"}, exclude_unset=True))
+        return Thresholds(**values)
+
+    def rule_options(self, name: str) -> dict | None:
+        """The merged options of every rule matching ``name``; ``None`` when none does."""
+        matching = [r for r in self.rules if fnmatchcase(name, r.match)]
+        if not matching:
+            return None
+        merged: dict = {}
+        for rule in matching:
+            merged.update(rule.model_dump(exclude={"match"}, exclude_unset=True))
+        return merged
+
+
+def resolve_paths(options: dict, folder: str) -> dict:
+    """``./``- and ``../``-relative path values made relative to ``folder`` instead."""
+
+    def resolve(value: str) -> str:
+        if not value.startswith(("./", "../")):
+            return value
+        if storage.is_s3(folder):
+            bucket, key = storage.split_s3(folder)
+            return f"s3://{bucket}/{posixpath.normpath(posixpath.join(key, value))}"
+        return str((Path(folder) / value).resolve())
+
+    resolved = dict(options)
+    for key in PATH_KEYS:
+        value = resolved.get(key)
+        if isinstance(value, str):
+            resolved[key] = resolve(value)
+        elif isinstance(value, list):
+            resolved[key] = [resolve(v) if isinstance(v, str) else v for v in value]
+    return resolved
+
+
+def read_options(uri: str) -> dict:
+    """A sidecar's audit options, validated (typos fail) and with relative paths resolved."""
+    folder = uri.rsplit("/", 1)[0]
+    options = parse_model(AuditOptions, resolve_paths(load_yaml(uri), folder), uri)
+    return options.model_dump(exclude_unset=True)
+
+
+def load_policy(path: str | None) -> Policy:
+    """The policy at ``path`` (relative paths in it resolved), or the default policy."""
+    if path is None:
+        return Policy()
+    data = load_yaml(path)
+    folder = path.rsplit("/", 1)[0] if "/" in path else "."
+    if isinstance(data.get("audit_defaults"), dict):
+        data["audit_defaults"] = resolve_paths(data["audit_defaults"], folder)
+    if isinstance(data.get("rules"), list):
+        data["rules"] = [resolve_paths(r, folder) if isinstance(r, dict) else r
+                         for r in data["rules"]]  # fmt: skip
+    return parse_model(Policy, data, path)  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: str  # "pass" or "fail"
+    breaches: list[str]
+
+
+def judge(summary: dict, thresholds: Thresholds) -> Judgement:
+    """Pass when every EZ metric is within its threshold; fail without labelled EZ metrics."""
+    ez = summary.get("metrics", {}).get("ez_score")
+    if not ez:
+        return Judgement(
+            "fail",
+            [f"no EZ leakage metrics (mode {summary.get('mode')}): the policy needs "
+             "members and nonmembers"],
+        )  # fmt: skip
+    breaches = []
+    for metric in METRICS:
+        limit = getattr(thresholds, f"max_{metric}")
+        if limit is not None and ez[metric] > limit:
+            breaches.append(f"EZ {metric} {ez[metric]:.4f} > max_{metric} {limit:g}")
+    return Judgement("fail" if breaches else "pass", breaches)
