@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from ezmia import outputs, storage
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError
-from ezmia.io import Columns, Fragment, normalize, plan_fragments, read_fragment
+from ezmia.io import FILE_ROW, Columns, Fragment, normalize, plan_fragments, read_fragment
 from ezmia.metrics import detection_threshold
 from ezmia.models import ModelPlan, context_length, plan_models
 from ezmia.report_html import render_report
@@ -48,6 +48,11 @@ class AuditPlan:
 def plan_audit(config: AuditConfig) -> AuditPlan:
     """Resolve models and datasets and refuse bad input, before touching the output."""
     started = time.perf_counter()
+    if config.sse and use_ray(config):
+        raise InputError(
+            "--sse is not supported by the Ray engine yet (its Parquet writer cannot set S3 "
+            "server-side encryption); use --engine local, or a bucket with default encryption"
+        )
     models = plan_models(
         config.target,
         config.reference,
@@ -83,32 +88,48 @@ def plan_audit(config: AuditConfig) -> AuditPlan:
 
 
 def check_rows(plan: AuditPlan) -> None:
-    """Refuse empty datasets, duplicate ids and single-class labels (reads keys only)."""
+    """Refuse empty datasets, null or duplicate ids and single-class labels (reads ids and
+    labels only, never texts)."""
     sources = ", ".join(plan.config.data or [*plan.config.members, *plan.config.nonmembers])
     if not sum(f.num_rows for f in plan.fragments):
-        raise InputError(f"{sources}: the dataset has no rows")
+        raise InputError(f"{sources}: the dataset has no rows; point --data at a non-empty one")
     if plan.config.calibration and not sum(f.num_rows for f in plan.calibration):
-        raise InputError(f"{', '.join(plan.config.calibration)}: the calibration set has no rows")
-    key_columns = Columns(plan.columns.text, plan.columns.id, plan.columns.label)
+        raise InputError(
+            f"{', '.join(plan.config.calibration)}: the calibration set has no rows; "
+            "--calibration needs known non-members"
+        )
+    if not (plan.columns.id or plan.config.is_labelled):
+        return
     keys = pa.concat_tables(
         [
-            normalize(read_fragment(f, key_columns), key_columns, f.uri).drop(["text"])
+            normalize(
+                read_fragment(f, plan.columns, with_text=False), plan.columns, f.uri
+            ).append_column("__uri", pa.array([f.uri] * f.num_rows, pa.string()))
             for f in plan.fragments
         ],
         promote_options="permissive",
     )
+
+    def where(index: int) -> str:
+        return f"{keys.column('__uri')[index].as_py()} row {keys.column(FILE_ROW)[index].as_py()}"
+
     if plan.columns.id:
         ids = keys.column("id")
         if ids.null_count:
             row = ids.to_pylist().index(None)
-            raise InputError(f"{sources}: id column {plan.columns.id!r} is null at row {row}")
+            raise InputError(
+                f"{where(row)}: id column {plan.columns.id!r} is null; give every row an id, or "
+                "drop --id-column to number rows by position"
+            )
         counts = pc.value_counts(ids)
         repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
         if len(repeated):
             first = repeated[0].as_py()
+            rows = pc.indices_nonzero(pc.equal(ids, first["values"])).to_pylist()[:2]
             raise InputError(
-                f"{sources}: id column {plan.columns.id!r} has duplicates (e.g. "
-                f"{first['values']!r} appears {first['counts']} times); ids must be unique"
+                f"{where(rows[0])}: id column {plan.columns.id!r} has duplicates ("
+                f"{first['values']!r} appears {first['counts']} times, again at "
+                f"{where(rows[1])}); ids must be unique"
             )
     if plan.config.is_labelled:
         members = int(pc.sum(keys.column("is_member")).as_py() or 0)
@@ -208,28 +229,29 @@ def audit(config: AuditConfig) -> AuditResult:
     """Run one audit end to end and return where it went and its summary."""
     plan = plan_audit(config)
     outputs.prepare(config.out, config.overwrite)
-    engine = open_engine(plan)
-    try:
-        detection = None
-        started = time.perf_counter()
-        if plan.calibration:
-            calibration = engine.score(plan.calibration, out=None, threshold=None)
-            threshold = detection_threshold(
-                calibration.column("ez_score").to_numpy(zero_copy_only=False), config.fpr
+    with outputs.discard_on_error(config.out):
+        engine = open_engine(plan)
+        try:
+            detection = None
+            started = time.perf_counter()
+            if plan.calibration:
+                calibration = engine.score(plan.calibration, out=None, threshold=None)
+                threshold = detection_threshold(
+                    calibration.column("ez_score").to_numpy(zero_copy_only=False), config.fpr
+                )
+                detection = {
+                    "fpr": config.fpr,
+                    "threshold": threshold,
+                    "n_calibration": calibration.num_rows,
+                }
+            scores = engine.score(
+                plan.fragments, out=config.out, threshold=detection and detection["threshold"]
             )
-            detection = {
-                "fpr": config.fpr,
-                "threshold": threshold,
-                "n_calibration": calibration.num_rows,
-            }
-        scores = engine.score(
-            plan.fragments, out=config.out, threshold=detection and detection["threshold"]
-        )
-        plan.timings["score_s"] = time.perf_counter() - started
-        meta = run_metadata(plan, engine.backend_choice)
-    finally:
-        engine.close()
-    return AuditResult(config.out, finish(plan, scores, detection, meta))
+            plan.timings["score_s"] = time.perf_counter() - started
+            meta = run_metadata(plan, engine.backend_choice)
+        finally:
+            engine.close()
+        return AuditResult(config.out, finish(plan, scores, detection, meta))
 
 
 def use_ray(config: AuditConfig) -> bool:

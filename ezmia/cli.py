@@ -157,6 +157,11 @@ def run(args: argparse.Namespace) -> int:
     return run_scan(args.registry, args.out, args.policy, args.engine)
 
 
+def _one_line(message: str) -> str:
+    """Errors are one line on stderr, whatever a library put in them."""
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -166,7 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except EzmiaError as err:
-        print(f"ezmia: error: {err}", file=sys.stderr)
+        print(f"ezmia: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        from ezmia.storage import describe_s3_error
+
+        reason = describe_s3_error(err)  # an S3 failure no module mapped: still one line
+        if reason is None:
+            raise
+        print(f"ezmia: error: S3: {_one_line(reason)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -5,6 +5,7 @@ Unknown keys are errors, so a typo in a YAML file never goes unnoticed.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Literal
 
@@ -78,13 +79,20 @@ class AuditConfig(Strict):
     @model_validator(mode="after")
     def _datasets_given(self) -> AuditConfig:
         if not (self.data or self.members or self.nonmembers):
-            raise ValueError("no dataset: give data (or members and nonmembers)")
+            raise ValueError("no dataset: give --data (or --members and --nonmembers)")
         if bool(self.members) != bool(self.nonmembers):
-            raise ValueError("members and nonmembers go together (both or neither)")
+            raise ValueError(
+                "--members and --nonmembers go together: give both, or --data with --label-column"
+            )
         if self.data and self.members:
-            raise ValueError("give either data or members/nonmembers, not both")
+            raise ValueError("give either --data or --members/--nonmembers, not both")
         if self.calibration and self.is_labelled:
-            raise ValueError("calibration is for unlabelled data; this audit has labels")
+            raise ValueError(
+                "--calibration is for unlabelled --data (detection); this audit has labels "
+                "(--label-column or --members): drop one or the other"
+            )
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError("--sse-kms-key-id needs --sse aws:kms")
         return self
 
     @property
@@ -104,14 +112,43 @@ class AuditConfig(Strict):
 
 
 def parse_model(model: type[Strict], data: dict, source: str) -> Strict:
-    """Validate a dict into ``model``; errors name the source and every bad key."""
+    """Validate a dict into ``model``; errors name the source, every bad key (with its
+    ``--flag`` for audit options and a suggestion for typos) and the value given."""
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(_problem(model, e) for e in err.errors())
         raise InputError(f"{source}: {problems}") from err
+
+
+def _problem(model: type[Strict], error: dict) -> str:
+    """One validation error as ``key (--flag): what is wrong (got value)``."""
+    loc = [str(p) for p in error["loc"]]
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if not loc:
+        return message
+    key = ".".join(loc)
+    if model is AuditConfig and loc[0] in AuditConfig.model_fields | {"ray": None}:
+        key += f" (--{'-'.join(loc).replace('_', '-')})"
+    if error["type"] == "extra_forbidden":
+        known = list(_fields_at(model, loc[:-1]))
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+        return f"{'.'.join(loc)}: unknown key; {hint}"
+    if error["type"] != "missing" and isinstance(error.get("input"), (str, int, float)):
+        message += f" (got {error['input']!r})"
+    return f"{key}: {message}"
+
+
+def _fields_at(model: type[BaseModel], path: list[str]) -> dict:
+    """The fields of the (nested) model at ``path``; empty when there is none."""
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return {}
+        model = annotation
+    return model.model_fields
 
 
 def load_yaml(path: str) -> dict:

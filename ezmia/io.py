@@ -16,6 +16,7 @@ from ezmia import storage
 from ezmia.errors import InputError
 
 ROW_INDEX = "__row_index"
+FILE_ROW = "__file_row"
 
 
 @dataclass(frozen=True)
@@ -32,24 +33,29 @@ class Columns:
 
 @dataclass(frozen=True)
 class Fragment:
-    """One row group of one Parquet file; ``offset`` is its first row's index in the dataset."""
+    """One row group of one Parquet file; ``offset`` is its first row's index in the dataset,
+    ``file_offset`` its first row's index in its file (for error messages)."""
 
     uri: str
     row_group: int
     offset: int
     num_rows: int
     label: bool | None = None
+    file_offset: int = 0
 
 
 def parquet_files(uri: str) -> list[str]:
     """The Parquet files of a file, directory or prefix, in sorted order."""
-    try:
+    with storage.s3_errors(uri, "list the dataset"):
         files = storage.list_files(uri)
-    except Exception as err:
-        raise InputError(f"{uri}: cannot list the dataset ({_reason(err)})") from err
+    if not files:
+        raise InputError(f"{uri}: no such file, directory or prefix (check the dataset path)")
     parquet = [f for f in files if f.endswith((".parquet", ".parq")) or f == uri]
     if not parquet:
-        raise InputError(f"{uri}: no Parquet files found (expected *.parquet under this path)")
+        raise InputError(
+            f"{uri}: no Parquet files found (expected *.parquet under this path; found e.g. "
+            f"{files[0]})"
+        )
     return parquet
 
 
@@ -58,13 +64,18 @@ def _reason(err: Exception) -> str:
 
 
 def _open(uri: str) -> pq.ParquetFile:
-    fs, path = storage.arrow_filesystem(uri)
-    try:
-        return pq.ParquetFile(fs.open_input_file(path))
-    except FileNotFoundError as err:
-        raise InputError(f"{uri}: file not found") from err
-    except (OSError, pa.ArrowException) as err:
-        raise InputError(f"{uri}: not a readable Parquet file ({_reason(err)})") from err
+    with storage.s3_errors(uri, "read"):
+        fs, path = storage.arrow_filesystem(uri)
+        try:
+            return pq.ParquetFile(fs.open_input_file(path))
+        except FileNotFoundError as err:
+            raise InputError(f"{uri}: file not found") from err
+        except (OSError, pa.ArrowException) as err:
+            if storage.describe_s3_error(err) is not None:
+                raise
+            raise InputError(
+                f"{uri}: not a readable Parquet file ({_reason(err)}); re-export it"
+            ) from err
 
 
 def check_schema(uri: str, schema: pa.Schema, columns: Columns) -> None:
@@ -83,7 +94,8 @@ def check_schema(uri: str, schema: pa.Schema, columns: Columns) -> None:
         or pa.types.is_large_binary(text_type)
     ):
         raise InputError(
-            f"{uri}: text column {columns.text!r} has type {text_type}, expected string"
+            f"{uri}: text column {columns.text!r} has type {text_type}, expected string; "
+            "choose the text column with --text-column"
         )
     if columns.label:
         label_type = schema.field(columns.label).type
@@ -102,43 +114,76 @@ def plan_fragments(
     """
     fragments: list[Fragment] = []
     offset = 0
+    first_id: tuple[str, pa.Field] | None = None
     for dataset_index, uri in enumerate(uris):
         label = labels[dataset_index] if labels else None
         for file in parquet_files(uri):
             meta = _open(file)
             check_schema(file, meta.schema_arrow, columns)
+            if columns.id:
+                field = meta.schema_arrow.field(columns.id)
+                first_id = first_id or (file, field)
+                _check_same_id_type(first_id, (file, field))
+            file_offset = 0
             for group in range(meta.metadata.num_row_groups):
                 rows = meta.metadata.row_group(group).num_rows
-                fragments.append(Fragment(file, group, offset, rows, label))
+                fragments.append(Fragment(file, group, offset, rows, label, file_offset))
                 offset += rows
+                file_offset += rows
     return fragments
 
 
-def read_fragment(fragment: Fragment, columns: Columns) -> pa.Table:
-    """The fragment's needed columns, plus its global row index and fixed label if any."""
+def _check_same_id_type(first: tuple[str, pa.Field], other: tuple[str, pa.Field]) -> None:
+    """Ids of every file must share one type, or they cannot form one id column."""
+    try:
+        pa.unify_schemas(
+            [pa.schema([first[1]]), pa.schema([other[1]])], promote_options="permissive"
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise InputError(
+            f"{other[0]}: id column {other[1].name!r} has type {other[1].type} but {first[0]} "
+            f"has {first[1].type}; give every file the same id type"
+        ) from err
+
+
+def read_fragment(fragment: Fragment, columns: Columns, with_text: bool = True) -> pa.Table:
+    """The fragment's needed columns (without the text unless ``with_text``), plus its global
+    row index, its rows' index in the file and its fixed label if any."""
+    names = columns.needed() if with_text else [c for c in (columns.id, columns.label) if c]
     file = _open(fragment.uri)
     try:
-        table = file.read_row_group(fragment.row_group, columns=columns.needed())
+        with storage.s3_errors(fragment.uri, "read"):
+            table = file.read_row_group(fragment.row_group, columns=names)
     except (OSError, pa.ArrowException) as err:
         raise InputError(
-            f"{fragment.uri}: row group {fragment.row_group} is unreadable ({_reason(err)})"
+            f"{fragment.uri}: row group {fragment.row_group} is unreadable ({_reason(err)}); "
+            "the file is corrupt, re-export it"
         ) from err
     index = pa.array(range(fragment.offset, fragment.offset + table.num_rows), pa.int64())
     table = table.append_column(ROW_INDEX, index)
+    start = fragment.file_offset
+    table = table.append_column(
+        FILE_ROW, pa.array(range(start, start + table.num_rows), pa.int64())
+    )
     if fragment.label is not None:
         table = table.append_column("__label", pa.array([fragment.label] * table.num_rows))
     return table
 
 
 def normalize(table: pa.Table, columns: Columns, source: str) -> pa.Table:
-    """The canonical columns ``id``, ``text``, ``is_member`` (when labelled)."""
-    text = table.column(columns.text)
-    if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
-        text = pa.array([_decode(v) for v in text.to_pylist()], pa.string())
+    """The canonical columns ``id``, ``text`` (when read), ``is_member`` (when labelled)."""
     ids = table.column(columns.id) if columns.id else table.column(ROW_INDEX)
-    out = {"id": ids, "text": text, ROW_INDEX: table.column(ROW_INDEX)}
+    out = {"id": ids, ROW_INDEX: table.column(ROW_INDEX)}
+    if columns.text in table.column_names:
+        text = table.column(columns.text)
+        if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
+            text = pa.array([_decode(v) for v in text.to_pylist()], pa.string())
+        out = {"id": ids, "text": text, ROW_INDEX: table.column(ROW_INDEX)}
+    if FILE_ROW in table.column_names:
+        out[FILE_ROW] = table.column(FILE_ROW)
     if columns.label:
-        out["is_member"] = labels_to_bool(table.column(columns.label), columns.label, source)
+        rows = table.column(FILE_ROW) if FILE_ROW in table.column_names else None
+        out["is_member"] = labels_to_bool(table.column(columns.label), columns.label, source, rows)
     elif "__label" in table.column_names:
         out["is_member"] = table.column("__label")
     return pa.table(out)
@@ -154,12 +199,20 @@ def _decode(value: bytes | None) -> str | None:
         return None
 
 
-def labels_to_bool(column: pa.ChunkedArray, name: str, source: str) -> pa.ChunkedArray:
-    """Bool or 0/1 labels as bool; anything else names the first bad row."""
+def labels_to_bool(
+    column: pa.ChunkedArray, name: str, source: str, rows: pa.ChunkedArray | None = None
+) -> pa.ChunkedArray:
+    """Bool or 0/1 labels as bool; anything else names the first bad row (of the file,
+    when ``rows`` gives each value's row in ``source``)."""
+
+    def at(index: int) -> int:
+        return int(rows[index].as_py()) if rows is not None else index
+
     if column.null_count:
         row = column.to_pylist().index(None)
         raise InputError(
-            f"{source}: label column {name!r} is null at row {row}; labels must be set"
+            f"{source}: label column {name!r} is null at row {at(row)}; set every label "
+            "(true/1 = member, false/0 = non-member)"
         )
     if pa.types.is_boolean(column.type):
         return column
@@ -167,7 +220,8 @@ def labels_to_bool(column: pa.ChunkedArray, name: str, source: str) -> pa.Chunke
     if pc.any(bad).as_py():
         row = bad.to_pylist().index(True)
         raise InputError(
-            f"{source}: label column {name!r} has value {column[row].as_py()!r} at row {row}; "
+            f"{source}: label column {name!r} has value {column[row].as_py()!r} at row "
+            f"{at(row)}; "
             "expected bool or 0/1 (1 = member)"
         )
     return pc.equal(column, 1)

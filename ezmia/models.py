@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ezmia import storage
-from ezmia.errors import InputError, ModelError
+from ezmia.errors import EzmiaError, InputError, ModelError
 
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+COMPLETE = ".ezmia-complete"
 
 
 def default_cache_dir() -> Path:
@@ -53,37 +55,75 @@ def resolve_model_dir(uri: str, cache_dir: Path | None = None) -> Path:
 
 
 def _download_s3_model(uri: str, cache: Path) -> Path:
+    """Download every object under the prefix once; each file is checked against the
+    listing's size and, for single-part uploads, its MD5 ETag. A cached copy is reused only
+    while its files still have the listed sizes."""
     bucket, prefix = storage.split_s3(uri.rstrip("/") + "/")
     client = storage.s3_client()
     objects = []
-    try:
+    with storage.s3_errors(uri, "list the model prefix", ModelError):
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             objects.extend(page.get("Contents", []))
-    except client.exceptions.ClientError as err:
-        raise ModelError(f"{uri}: cannot list the model prefix ({err})") from err
     if not objects:
-        raise ModelError(f"{uri}: no objects under this model prefix")
+        raise ModelError(f"{uri}: no objects under this model prefix (check the model path)")
     listing = sorted((o["Key"][len(prefix) :], o["ETag"], o["Size"]) for o in objects)
+    files = [(rel, etag, size) for rel, etag, size in listing if rel and not rel.endswith("/")]
     key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:24]
     target = cache / key
-    if (target / ".ezmia-complete").exists():
+    if (target / COMPLETE).exists() and _sizes_match(target, files):
         return target
     staging = cache / f".{key}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    for rel, _etag, size in listing:
-        if not rel or rel.endswith("/"):
-            continue
-        dest = staging / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        client.download_file(bucket, prefix + rel, str(dest))
-        if dest.stat().st_size != size:
-            raise ModelError(
-                f"{uri}{rel}: downloaded {dest.stat().st_size} bytes, the listing says {size}"
-            )
-    (staging / ".ezmia-complete").write_text(json.dumps(listing))
+    try:
+        for rel, etag, size in files:
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with storage.s3_errors(f"{uri.rstrip('/')}/{rel}", "download", ModelError):
+                client.download_file(bucket, prefix + rel, str(dest))
+            _verify_download(client, bucket, prefix + rel, dest, etag, size)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    (staging / COMPLETE).write_text(json.dumps(listing))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
+
+
+def _sizes_match(directory: Path, files: list[tuple[str, str, int]]) -> bool:
+    """Whether every listed file is present in ``directory`` with its listed size."""
+    for rel, _etag, size in files:
+        path = directory / rel
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return True
+
+
+def _verify_download(client, bucket: str, key: str, dest: Path, etag: str, size: int) -> None:
+    """Refuse a download whose size or (single-part, non-KMS) MD5 differs from the listing."""
+    uri = f"s3://{bucket}/{key}"
+    if dest.stat().st_size != size:
+        raise ModelError(
+            f"{uri}: downloaded {dest.stat().st_size} bytes, the listing says {size}; the "
+            "download is corrupt, retry"
+        )
+    etag = etag.strip('"')
+    if not re.fullmatch(r"[0-9a-f]{32}", etag):
+        return  # multipart uploads: the ETag is not an MD5 of the content
+    digest = hashlib.md5(usedforsecurity=False)
+    with dest.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    if digest.hexdigest() == etag:
+        return
+    with storage.s3_errors(uri, "check the encryption of", ModelError):
+        head = client.head_object(Bucket=bucket, Key=key)
+    if head.get("ServerSideEncryption") == "aws:kms" or head.get("SSECustomerAlgorithm"):
+        return  # SSE-KMS / SSE-C ETags are not MD5s of the content
+    raise ModelError(
+        f"{uri}: downloaded content has MD5 {digest.hexdigest()}, the object's ETag says "
+        f"{etag}; the download is corrupt, retry"
+    )
 
 
 def _download_hub_model(repo_id: str, cache: Path) -> Path:
@@ -109,7 +149,9 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
         raise ModelError(f"{path}: neither config.json nor adapter_config.json; not a checkpoint")
     if not _matches(path, SAFE_WEIGHTS):
         if not _matches(path, PICKLE_WEIGHTS):
-            raise ModelError(f"{path}: no weights found (expected *.safetensors)")
+            raise ModelError(
+                f"{path}: no weights found (expected *.safetensors); is the checkpoint complete?"
+            )
         if not allow_pickle:
             raise ModelError(
                 f"{path}: only pickle-based weights (.bin/.pt), which can run code when loaded; "
@@ -125,7 +167,49 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
             f"{config_file}: declares custom code (auto_map); pass --trust-remote-code only if "
             "you trust this checkpoint"
         )
+    weight_shapes(path)  # refuses truncated or corrupt safetensors before anything loads
     return is_adapter
+
+
+def weight_shapes(path: Path) -> dict[str, list[int]]:
+    """Every tensor's shape in the checkpoint's safetensors files (headers only)."""
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for file in _matches(path, SAFE_WEIGHTS):
+        try:
+            with safe_open(str(file), framework="numpy") as handle:
+                names = handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
+                shapes.update({k: handle.get_slice(k).get_shape() for k in names})
+        except (SafetensorError, OSError) as err:
+            raise ModelError(
+                f"{file}: corrupt or truncated safetensors file ({err}); download or save the "
+                "checkpoint again"
+            ) from err
+    return shapes
+
+
+def check_adapter_fits(adapter_dir: Path, reference_dir: Path) -> None:
+    """Refuse a LoRA adapter whose matrices do not fit the reference's weights (e.g. one
+    trained on a base of another width), naming the first module that does not fit."""
+    adapter = weight_shapes(adapter_dir)
+    base = weight_shapes(reference_dir)
+    for key, a_shape in sorted(adapter.items()):
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+        b_shape = adapter.get(key.replace(".lora_A.", ".lora_B."))
+        candidates = (f"{module}.weight", f"{module.partition('.')[2]}.weight")
+        weight = next((base[c] for c in candidates if c in base), None)
+        if b_shape is None or weight is None or len(weight) != 2:
+            continue  # cannot tell; loading will
+        if sorted((a_shape[-1], b_shape[0])) != sorted(weight):
+            raise ModelError(
+                f"{adapter_dir}: the adapter does not fit reference {reference_dir}: module "
+                f"{module} is {a_shape[-1]}x{b_shape[0]} in the adapter but "
+                f"{weight[0]}x{weight[1]} in the reference; pass the base model it was trained "
+                "on as --reference"
+            )
 
 
 def adapter_base(adapter_dir: Path) -> str:
@@ -176,7 +260,15 @@ def plan_models(
                 "fine-tuned from)"
             )
         reference = adapter_base(target_dir)
-    reference_dir = resolve_model_dir(reference, cache_dir)
+        try:
+            reference_dir = resolve_model_dir(reference, cache_dir)
+        except EzmiaError as err:
+            raise ModelError(
+                f"{target}: the adapter's base {reference} (base_model_name_or_path in "
+                f"adapter_config.json) is not available ({err}); pass --reference"
+            ) from err
+    else:
+        reference_dir = resolve_model_dir(reference, cache_dir)
     if check_checkpoint(
         reference_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     ):
@@ -184,7 +276,9 @@ def plan_models(
     tokenizer_dir = target_dir if has_tokenizer(target_dir) else reference_dir
     if not has_tokenizer(tokenizer_dir):
         raise ModelError(f"{target}: no tokenizer files in the target or the reference")
-    if not is_adapter:
+    if is_adapter:
+        check_adapter_fits(target_dir, reference_dir)
+    else:
         _check_same_vocab(target_dir, reference_dir)
     if has_tokenizer(reference_dir) and tokenizer_dir != reference_dir:
         _check_same_tokenizer(tokenizer_dir, reference_dir)
@@ -251,8 +345,9 @@ def attach_adapter(base_model, adapter_dir: Path):
     try:
         return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())[:300]
         raise ModelError(
-            f"{adapter_dir}: the adapter does not fit the reference model ({err}); pass the "
+            f"{adapter_dir}: the adapter does not fit the reference model ({reason}); pass the "
             "base model it was trained on as --reference"
         ) from err
 
@@ -265,7 +360,7 @@ def merged_adapter_dir(plan: ModelPlan, cache_dir: Path | None = None) -> Path:
         f"{plan.fingerprints.get('target')}:{plan.fingerprints.get('reference')}".encode()
     ).hexdigest()[:24]
     out = (cache_dir or default_cache_dir()) / "merged" / key
-    if (out / ".ezmia-complete").exists():
+    if (out / COMPLETE).exists():
         return out
     base = load_causal_lm(
         plan.reference,
@@ -281,7 +376,7 @@ def merged_adapter_dir(plan: ModelPlan, cache_dir: Path | None = None) -> Path:
     for name in TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt"):
         if (plan.tokenizer / name).exists():
             shutil.copy(plan.tokenizer / name, staging / name)
-    (staging / ".ezmia-complete").write_text(key)
+    (staging / COMPLETE).write_text(key)
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out

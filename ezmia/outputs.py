@@ -6,14 +6,17 @@ finished location is refused unless overwriting; an unfinished one is cleared fi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+from collections.abc import Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ezmia import storage
-from ezmia.errors import InputError, OutputError
+from ezmia.errors import EzmiaError, InputError, OutputError
 
 SUCCESS = "_SUCCESS"
 SCORES_DIR = "scores"
@@ -27,6 +30,8 @@ def is_complete(out: str) -> bool:
 
 def prepare(out: str, overwrite: bool) -> None:
     """Refuse a finished report unless ``overwrite``; clear any earlier, unfinished run."""
+    if not storage.is_s3(out) and Path(out).is_file():
+        raise OutputError(f"{out}: is a file, not a directory; choose another --out")
     try:
         complete = is_complete(out)
         if complete and not overwrite:
@@ -38,10 +43,28 @@ def prepare(out: str, overwrite: bool) -> None:
             if complete:
                 storage.delete_prefix(storage.join(out, SUCCESS))
             storage.delete_prefix(out.rstrip("/") + "/")
-    except OutputError:
+    except EzmiaError:
         raise
     except Exception as err:
         raise OutputError(f"{out}: cannot prepare the output location ({err})") from err
+
+
+@contextlib.contextmanager
+def discard_on_error(out: str) -> Iterator[None]:
+    """On any error inside the block, remove what the unfinished audit wrote under ``out``
+    (best effort: the original error is what the user sees), so that no partial scores or
+    summary outlive it. ``_SUCCESS`` is never written before the block ends."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            storage.delete_prefix(storage.join(out, SCORES_DIR) + "/")
+            for name in (REPORT, SUMMARY):
+                storage.delete(storage.join(out, name))
+            if not storage.is_s3(out):
+                with contextlib.suppress(OSError):
+                    Path(out).rmdir()  # only when nothing else is left
+        raise
 
 
 def write_scores(

@@ -6,14 +6,40 @@ S3 goes through boto3 and pyarrow, which both honour the standard AWS chain
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from ezmia.errors import InputError
+from ezmia.errors import EzmiaError, InputError, OutputError
+
+CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or grant this role access "
+    "to the bucket"
+)
+_CREDENTIAL_CODES = (
+    "AccessDenied",
+    "ACCESS_DENIED",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "Forbidden",
+    "403",
+)
+_CONNECTION_CODES = (
+    "EndpointConnectionError",
+    "ConnectionClosedError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "NETWORK_CONNECTION",
+    "Could not connect",
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +56,62 @@ class Encryption:
         if self.kms_key_id:
             args["SSEKMSKeyId"] = self.kms_key_id
         return args
+
+
+def _endpoint() -> str:
+    """The S3 endpoint in use, without any query string or user info."""
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return re.sub(r"//[^/@]*@", "//", url.split("?")[0]) if url else "the default AWS endpoint"
+
+
+def describe_s3_error(err: BaseException) -> str | None:
+    """One plain line for an S3 failure from boto3 or pyarrow (no URLs, no secrets), with
+    what to do about it; ``None`` when ``err`` is not an S3 failure."""
+    from boto3.exceptions import Boto3Error
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    text = str(err)
+    if isinstance(err, ClientError):
+        code = str(err.response.get("Error", {}).get("Code", ""))
+    elif isinstance(err, (BotoCoreError, Boto3Error)):
+        code = type(err).__name__
+    elif isinstance(err, OSError) and "AWS Error" in text:
+        code = text.split("AWS Error ", 1)[1].split(" ", 1)[0]
+    else:
+        return None
+    if code in ("NoSuchBucket", "NO_SUCH_BUCKET"):
+        return "the bucket does not exist"
+    if code in ("NoSuchKey", "404", "NotFound", "RESOURCE_NOT_FOUND", "NO_SUCH_KEY"):
+        return "no such object"
+    if code in ("NoCredentialsError", "PartialCredentialsError"):
+        return f"no AWS credentials found: {CREDENTIALS_HINT}"
+    if _matches(code, text, _CREDENTIAL_CODES):
+        return f"access denied ({code}): {CREDENTIALS_HINT}"
+    if _matches(code, text, _CONNECTION_CODES):
+        return (
+            f"could not connect to the S3 endpoint {_endpoint()}: check AWS_ENDPOINT_URL and "
+            "the network"
+        )
+    line = re.sub(r"https?://\S+", "<url>", text.splitlines()[0] if text else code)
+    return f"S3 error {code}: {line[:200]}"
+
+
+def _matches(code: str, text: str, known: tuple[str, ...]) -> bool:
+    return code in known or any(k in text for k in known if len(k) > 3)
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str, action: str, error: type[EzmiaError] = InputError) -> Iterator[None]:
+    """Turn boto3/pyarrow S3 failures inside the block into ``error`` naming ``uri``."""
+    try:
+        yield
+    except EzmiaError:
+        raise
+    except Exception as err:
+        reason = describe_s3_error(err)
+        if reason is None:
+            raise
+        raise error(f"{uri}: cannot {action}: {reason}") from err
 
 
 def is_s3(uri: str) -> bool:
@@ -61,7 +143,8 @@ def s3_client():
         "max_attempts": int(os.environ.get("EZMIA_S3_MAX_ATTEMPTS", "3")),
         "mode": "standard",
     }
-    return boto3.client("s3", config=Config(retries=retries))
+    # A fresh session, so credentials are resolved again after ``s3_client.cache_clear()``.
+    return boto3.session.Session().client("s3", config=Config(retries=retries))
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -74,13 +157,16 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def exists(uri: str) -> bool:
     if not is_s3(uri):
         return Path(uri).exists()
+    from botocore.exceptions import ClientError
+
     bucket, key = split_s3(uri)
-    try:
-        s3_client().head_object(Bucket=bucket, Key=key)
-    except s3_client().exceptions.ClientError as err:
-        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-            return False
-        raise
+    with s3_errors(uri, "check whether it exists"):
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
     return True
 
 
@@ -88,7 +174,11 @@ def read_bytes(uri: str) -> bytes:
     if not is_s3(uri):
         return Path(uri).read_bytes()
     bucket, key = split_s3(uri)
-    return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    with s3_errors(uri, "read"):
+        try:
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except s3_client().exceptions.NoSuchKey as err:
+            raise FileNotFoundError(uri) from err
 
 
 def write_bytes(uri: str, data: bytes, encryption: Encryption | None = None) -> None:
@@ -96,7 +186,8 @@ def write_bytes(uri: str, data: bytes, encryption: Encryption | None = None) -> 
     if is_s3(uri):
         bucket, key = split_s3(uri)
         extra = encryption.put_args() if encryption else {}
-        s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
+        with s3_errors(uri, "write", OutputError):
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,11 +204,27 @@ def list_files(prefix: str) -> list[str]:
             return [str(root)]
         return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
     bucket, key = split_s3(prefix)
-    key = key if not key or key.endswith("/") else key + "/"
+    folder = key if not key or key.endswith("/") else key + "/"
     found: list[str] = []
-    for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-        found.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+    with s3_errors(prefix, "list"):
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+        for page in pages:
+            found.extend(
+                f"s3://{bucket}/{obj['Key']}"
+                for obj in page.get("Contents", [])
+                if obj["Key"] == key or obj["Key"].startswith(folder)
+            )
     return sorted(found)
+
+
+def delete(uri: str) -> None:
+    """Remove one file or object if it exists."""
+    if not is_s3(uri):
+        Path(uri).unlink(missing_ok=True)
+        return
+    bucket, key = split_s3(uri)
+    with s3_errors(uri, "delete", OutputError):
+        s3_client().delete_object(Bucket=bucket, Key=key)
 
 
 def delete_prefix(prefix: str) -> None:
@@ -131,4 +238,5 @@ def delete_prefix(prefix: str) -> None:
     keys = [split_s3(uri)[1] for uri in list_files(prefix)]
     for start in range(0, len(keys), 1000):
         objects = [{"Key": k} for k in keys[start : start + 1000]]
-        s3_client().delete_objects(Bucket=bucket, Delete={"Objects": objects})
+        with s3_errors(prefix, "delete", OutputError):
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": objects})

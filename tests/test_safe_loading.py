@@ -1,0 +1,116 @@
+"""Model downloads from S3 are verified (listed sizes, single-part MD5 ETags) before they
+are cached, and a cached copy whose files changed is downloaded again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ezmia import storage
+from ezmia.cli import main
+from ezmia.errors import ModelError
+from ezmia.models import COMPLETE, resolve_model_dir
+from tests.conftest import upload_dir
+
+
+class TamperingClient:
+    """An S3 client whose downloads of ``model.safetensors`` are altered by ``mutate``."""
+
+    def __init__(self, client, mutate) -> None:
+        self._client = client
+        self._mutate = mutate
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def download_file(self, bucket: str, key: str, dest: str, **kwargs) -> None:
+        self._client.download_file(bucket, key, dest, **kwargs)
+        if key.endswith("model.safetensors"):
+            self._mutate(Path(dest))
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _tamper(monkeypatch, mutate) -> None:
+    client = storage.s3_client()
+    monkeypatch.setattr(storage, "s3_client", lambda: TamperingClient(client, mutate))
+
+
+@pytest.fixture
+def staged(models, s3, request) -> str:
+    """The full fine-tune under a fresh bucket."""
+    bucket = s3.make_bucket(f"safe-{request.node.name.replace('_', '-')[5:40].strip('-')}")
+    return upload_dir(s3.client(), models.full, bucket, "models/full")
+
+
+def test_download_is_verified_then_reused_from_the_cache(staged, models, tmp_path, monkeypatch):
+    local = resolve_model_dir(staged, tmp_path)
+    assert (local / COMPLETE).exists()
+    for name in ("config.json", "model.safetensors"):
+        assert (local / name).read_bytes() == (models.full / name).read_bytes()
+    _tamper(monkeypatch, lambda path: pytest.fail("a cached model was downloaded again"))
+    assert resolve_model_dir(staged, tmp_path) == local
+
+
+def test_download_with_wrong_content_is_refused(staged, models, tmp_path, monkeypatch, capsys):
+    _tamper(monkeypatch, _flip_a_byte)
+    out = tmp_path / "out"
+    code = main(
+        [
+            "audit",
+            "--target",
+            staged,
+            "--reference",
+            str(models.base),
+            "--data",
+            str(models.eval),
+            "--label-column",
+            "is_member",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("ezmia: error:") == 1 and "Traceback" not in err
+    assert f"{staged}/model.safetensors: downloaded content has MD5" in err
+    assert "the download is corrupt, retry" in err
+    assert not out.exists()
+    assert not [p for p in (tmp_path / "cache").rglob(COMPLETE)]  # nothing cached
+
+
+def test_download_of_the_wrong_size_is_refused(staged, tmp_path, monkeypatch):
+    _tamper(monkeypatch, _truncate)
+    with pytest.raises(ModelError, match=r"model.safetensors: downloaded \d+ bytes, the listing"):
+        resolve_model_dir(staged, tmp_path)
+    assert not list(tmp_path.rglob("model.safetensors"))  # the partial download is gone
+
+
+def test_a_tampered_cache_is_downloaded_again(staged, models, tmp_path):
+    local = resolve_model_dir(staged, tmp_path)
+    weights = local / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"tampered")
+    assert resolve_model_dir(staged, tmp_path) == local
+    assert weights.read_bytes() == (models.full / "model.safetensors").read_bytes()
+
+
+def test_kms_encrypted_objects_are_checked_by_size_only(models, s3, tmp_path, monkeypatch):
+    """SSE-KMS ETags are not MD5s of the content, so only their sizes can be checked."""
+    bucket = s3.make_bucket("safe-kms")
+    client = s3.client()
+    for path in sorted(models.full.iterdir()):
+        extra = {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "alias/ezmia"}
+        client.upload_file(str(path), bucket, f"m/{path.name}", ExtraArgs=extra)
+    _tamper(monkeypatch, _flip_a_byte)
+    assert (resolve_model_dir(f"s3://{bucket}/m", tmp_path) / COMPLETE).exists()
