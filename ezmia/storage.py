@@ -190,10 +190,13 @@ def write_bytes(uri: str, data: bytes, encryption: Encryption | None = None) -> 
             s3_client().put_object(Bucket=bucket, Key=key, Body=data, **extra)
         return
     path = Path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    except OSError as err:
+        raise OutputError(f"{uri}: cannot write ({err.strerror or err})") from err
 
 
 def list_files(prefix: str) -> list[str]:
