@@ -19,10 +19,8 @@ from ezmia.scores import (
     score_sequence,
 )
 
-settings.register_profile(
-    "ezmia", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
-settings.load_profile("ezmia")
+FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+"""About 2 s per property on a loaded 2-core machine; the module stays under ~20 s."""
 
 logprob = st.floats(min_value=-30.0, max_value=0.0, allow_nan=False)
 shift = st.floats(min_value=1e-3, max_value=20.0)
@@ -55,6 +53,7 @@ def ez(lp_t, lp_r, top1):
     return ez_score(make(lp_t, lp_r, top1), n_tokens=len(lp_t) + 1)
 
 
+@FAST
 @given(sequences(), st.randoms(use_true_random=False))
 def test_permuting_error_zone_positions_leaves_ez_unchanged(seq, rnd):
     lp_t, lp_r, top1 = seq
@@ -70,6 +69,7 @@ def test_permuting_error_zone_positions_leaves_ez_unchanged(seq, rnd):
     assert after.score == pytest.approx(before.score, rel=1e-9, abs=1e-12)
 
 
+@FAST
 @given(sequences(), st.lists(st.tuples(logprob, logprob), min_size=1, max_size=20))
 def test_adding_top1_hits_leaves_ez_unchanged(seq, hits):
     lp_t, lp_r, top1 = seq
@@ -82,6 +82,7 @@ def test_adding_top1_hits_leaves_ez_unchanged(seq, hits):
     )
 
 
+@FAST
 @given(sequences(), logprob, logprob)
 def test_position_one_is_ignored(seq, new_t, new_r):
     lp_t, lp_r, top1 = seq
@@ -90,6 +91,7 @@ def test_position_one_is_ignored(seq, new_t, new_r):
     assert (after.score, after.status) == (before.score, before.status)
 
 
+@FAST
 @given(sequences(), st.floats(min_value=1e-3, max_value=1e3))
 def test_scaling_every_shift_by_a_positive_constant_leaves_ez_unchanged(seq, c):
     lp_t, lp_r, top1 = seq
@@ -101,6 +103,7 @@ def test_scaling_every_shift_by_a_positive_constant_leaves_ez_unchanged(seq, c):
     assert after.score == pytest.approx(before.score, rel=1e-6, abs=1e-9)
 
 
+@FAST
 @given(st.lists(st.tuples(logprob, shift), min_size=3, max_size=30))
 def test_all_upward_shifts_are_flagged_not_scored(rows):
     lp_r = [r for r, _ in rows]
@@ -109,6 +112,7 @@ def test_all_upward_shifts_are_flagged_not_scored(rows):
     assert (result.score, result.status) == (0.0, EZ_NO_NEGATIVE_SHIFT)
 
 
+@FAST
 @given(st.lists(st.tuples(logprob, shift), min_size=3, max_size=30))
 def test_all_downward_shifts_score_zero_ok(rows):
     lp_r = [r for r, _ in rows]
@@ -120,6 +124,7 @@ def test_all_downward_shifts_score_zero_ok(rows):
 odd = st.one_of(logprob, st.just(math.nan), st.just(math.inf), st.just(-math.inf), st.floats())
 
 
+@FAST
 @given(
     st.integers(min_value=0, max_value=25).flatmap(
         lambda n: st.tuples(
