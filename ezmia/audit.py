@@ -179,20 +179,11 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(plan: AuditPlan):
-    """The scoring backend for this plan and the record of why it was chosen."""
-    from ezmia.backends.torch import TorchBackend
+def open_backend(config: AuditConfig, models: ModelPlan):
+    """The scoring backend for this audit and the record of which one and why."""
+    from ezmia.backends import BackendOptions, create_backend
 
-    config = plan.config
-    backend = TorchBackend(
-        plan.models,
-        device=config.device,
-        dtype=config.dtype,
-        batch_size=config.batch_size,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
-    )
-    return backend, {"name": "torch", "reason": "PyTorch backend"}
+    return create_backend(models, BackendOptions.from_config(config))
 
 
 def open_engine(plan: AuditPlan) -> Engine:

@@ -20,7 +20,7 @@ class LocalEngine:
     def __init__(self, plan: AuditPlan) -> None:
         self.plan = plan
         self.tokenizer = load_tokenizer(plan.models.tokenizer)
-        self.backend, self.backend_choice = open_backend(plan)
+        self.backend, self.backend_choice = open_backend(plan.config, plan.models)
 
     def score(
         self, fragments: list[Fragment], out: str | None, threshold: float | None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pyarrow as pa
 
 from ezmia import storage
 from ezmia.audit import AuditPlan, open_backend
+from ezmia.backends import BackendOptions, why_not_vllm
 from ezmia.config import AuditConfig
 from ezmia.io import Columns, Fragment, normalize, read_fragment
 from ezmia.models import plan_models
@@ -57,8 +59,8 @@ class BlockScorer:
             trust_remote_code=config.trust_remote_code,
             cache_dir=Path(config.cache_dir) if config.cache_dir else None,
         )
-        plan = AuditPlan(config, models, Columns(), [], [], storage.Encryption())
-        self.backend, _ = open_backend(plan)
+        self.backend, choice = open_backend(config, models)
+        logging.getLogger(__name__).warning("scoring actor backend: %s", choice)
         self.include_text = config.include_text
         self.threshold = threshold
 
@@ -75,7 +77,7 @@ class RayEngine:
         if not ray.is_initialized():
             ray.init(address=plan.config.ray.address, log_to_driver=True)
         self.plan = plan
-        self.backend_choice = {"name": "torch", "reason": "PyTorch backend on Ray actors"}
+        self.backend_choice: dict = {}
 
     def score(
         self, fragments: list[Fragment], out: str | None, threshold: float | None
@@ -119,8 +121,15 @@ class RayEngine:
         if out is not None:
             ds.write_parquet(storage.join(out, SCORES_DIR))
         columns = [c for c in ds.schema().names if c != "text"]
-        tables = ray.get(ds.select_columns(columns).to_arrow_refs())
-        return pa.concat_tables(tables).sort_by("source_row")
+        scores = pa.concat_tables(ray.get(ds.select_columns(columns).to_arrow_refs()))
+        self.backend_choice = self._choice(scores)
+        return scores.sort_by("source_row")
+
+    def _choice(self, scores: pa.Table) -> dict:
+        """Which backends the actors used (per row in the ``backend`` column) and why."""
+        used = sorted(set(scores.column("backend").to_pylist()))
+        reason = why_not_vllm(self.plan.models, BackendOptions.from_config(self.plan.config))
+        return {"name": "+".join(used), "reason": reason or "vLLM, canary-checked per actor"}
 
     def close(self) -> None:
         """The cluster stays up; actors are released with the dataset."""

@@ -23,6 +23,7 @@ SCORE_FIELDS = [
     pa.field("min_k_pp", pa.float64()),
     pa.field("text_sha256", pa.string()),
     pa.field("source_row", pa.int64()),
+    pa.field("backend", pa.string()),
 ]
 """Columns of ``scores/*.parquet`` after ``id``; then ``is_member``/``flagged``/``text``
 when present. Every score column: higher = more member-like."""

@@ -52,6 +52,7 @@ def score_tokenized(
     columns: dict = {name: [row[name] for row in scored] for name in scored[0]} if scored else {}
     columns["n_tokens"] = [len(ids) for ids in input_ids]
     columns["source_row"] = rows.column(ROW_INDEX)
+    columns["backend"] = [backend.name] * rows.num_rows
     if detection:
         columns["flagged"] = [row["ez_score"] > flag_threshold for row in scored]
     for name in ("id", "truncated", "text_sha256", "is_member", "text"):
