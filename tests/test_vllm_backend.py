@@ -22,7 +22,7 @@ pytest.importorskip(
 
 import ezmia.backends as backends  # noqa: E402
 from ezmia.backends import BackendOptions, create_backend  # noqa: E402
-from ezmia.backends.canary import cross_check  # noqa: E402
+from ezmia.backends.canary import compare_stats, cross_check  # noqa: E402
 from ezmia.backends.torch import TorchBackend  # noqa: E402
 from ezmia.backends.vllm import VllmBackend, _InProcessEngines  # noqa: E402
 from ezmia.errors import EzmiaError, InputError  # noqa: E402
@@ -157,6 +157,9 @@ def test_canary_passes_on_vllm_and_catches_a_shifted_backend(vllm_full, torch_fu
     assert not broken.passed
     assert broken.max_abs_logprob_diff == pytest.approx(1e-2, rel=1e-2)
     assert "FAILED" in broken.describe()
+    stats = vllm_full.token_stats(canary)
+    missing = compare_stats(stats[:1], stats, "float32")  # e.g. an engine that crashed
+    assert not missing.passed and missing.as_record()["max_abs_logprob_diff"] is None
 
 
 @pytest.fixture

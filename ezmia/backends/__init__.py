@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -225,7 +225,11 @@ def _vllm_with_canary(
     if expected is None:
         return primary, {"name": "vllm", "reason": reason + "; canary skipped"}
     result = _run_canary(primary, sequences, expected)
-    choice = {"name": "vllm", "reason": f"{reason}; {result.describe()}", "canary": asdict(result)}
+    choice = {
+        "name": "vllm",
+        "reason": f"{reason}; {result.describe()}",
+        "canary": result.as_record(),
+    }
     if result.passed:
         return primary, choice
     primary.close()
@@ -285,5 +289,5 @@ def _on_canary_failure(
     return torch_backend(plan, options), {
         "name": "torch",
         "reason": f"{message}; fell back to PyTorch",
-        "canary": asdict(result),
+        "canary": result.as_record(),
     }

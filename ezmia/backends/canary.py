@@ -15,8 +15,10 @@ Tolerances, on the true-token log-probs of both passes and the target's top-1 hi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +56,14 @@ class CanaryResult:
     n_positions: int
     tolerance: Tolerance
     dtype: str
+
+    def as_record(self) -> dict[str, Any]:
+        """A JSON-safe dict (non-finite differences become None)."""
+        record = asdict(self)
+        for key, value in record.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                record[key] = None
+        return record
 
     def describe(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
