@@ -3,19 +3,26 @@ shared/EZMIA.md (full-vocabulary log-softmax per sequence, Python loops), used a
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
-def naive_ez(target, reference, ids: list[int]) -> tuple[float, str]:
-    """EZ score and status of one token-id sequence, straight from the definition."""
+def _log_probs(model, ids: list[int], base_only: bool = False) -> torch.Tensor:
+    context = model.disable_adapter() if base_only else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
+
+
+def naive_ez(target, reference, ids: list[int], adapter: bool = False) -> tuple[float, str]:
+    """EZ score and status of one token-id sequence, straight from the definition; with
+    ``adapter`` the reference is ``target`` with its adapter disabled."""
     if len(ids) == 0:
         return 0.0, "empty"
     if len(ids) < 3:
         return 0.0, "too_short"
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        lt = torch.log_softmax(target(x).logits[0].double(), dim=-1)
-        lr = torch.log_softmax(reference(x).logits[0].double(), dim=-1)
+    lt = _log_probs(target, ids)
+    lr = _log_probs(target, ids, base_only=True) if adapter else _log_probs(reference, ids)
     positive = negative = 0.0
     errors = 0
     for t in range(2, len(ids)):

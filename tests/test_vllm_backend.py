@@ -262,3 +262,53 @@ def test_lora_request_passes_the_canary_and_matches_torch(llama_lora_plan, seque
         assert_same_stats(backend.token_stats(few), expected)
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("target", ["full", "lora"])
+def test_cli_audit_with_vllm_matches_the_independent_implementation(
+    models, target, tmp_path, vllm_full
+):
+    import pyarrow.parquet as pq
+
+    from ezmia.cli import main
+    from tests.reference_ez import naive_ez
+
+    out = tmp_path / "out"
+    code = main(
+        [
+            "audit",
+            "--target",
+            str(getattr(models, target)),
+            "--reference",
+            str(models.base),
+            "--data",
+            str(models.eval),
+            "--id-column",
+            "id",
+            "--label-column",
+            "is_member",
+            "--backend",
+            "vllm",
+            "--max-length",
+            "64",
+            "--bootstrap-rounds",
+            "0",
+            "--out",
+            str(out),
+            "--cache-dir",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"]["name"] == "vllm" and summary["backend"]["reason"]
+    assert "min_k_pp" in summary["metrics_skipped"]
+    scores = pq.read_table(out / "scores").sort_by("source_row").slice(0, 12)
+    texts = pq.read_table(models.eval).column("text").to_pylist()[:12]
+    ids = tokenize(load_tokenizer(models.base), texts, max_length=64).input_ids
+    oracle = TorchBackend(plan_models(str(getattr(models, target)), str(models.base)))
+    for row, seq in zip(scores.to_pylist(), ids, strict=True):
+        expected, status = naive_ez(oracle.target, oracle.reference, seq, adapter=target == "lora")
+        assert row["ez_status"] == status
+        if status == "ok":
+            assert row["ez_score"] == pytest.approx(expected, rel=1e-4)
