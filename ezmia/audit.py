@@ -48,11 +48,6 @@ class AuditPlan:
 def plan_audit(config: AuditConfig) -> AuditPlan:
     """Resolve models and datasets and refuse bad input, before touching the output."""
     started = time.perf_counter()
-    if config.sse and use_ray(config):
-        raise InputError(
-            "--sse is not supported by the Ray engine yet (its Parquet writer cannot set S3 "
-            "server-side encryption); use --engine local, or a bucket with default encryption"
-        )
     models = plan_models(
         config.target,
         config.reference,

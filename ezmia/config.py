@@ -29,6 +29,14 @@ class RayOptions(Strict):
     cpus_per_actor: float = Field(0.5, gt=0)
     rows_per_block: int = Field(256, ge=1)
 
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> RayOptions:
+        if self.max_actors < self.min_actors:
+            raise ValueError(
+                f"--ray-max-actors {self.max_actors} is below --ray-min-actors {self.min_actors}"
+            )
+        return self
+
 
 class VllmOptions(Strict):
     """vLLM engine settings (used when the backend is vLLM)."""

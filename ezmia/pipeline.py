@@ -1,11 +1,12 @@
 """The Ray engine, in the shape of Ray Data batch inference:
 
     fragments -> read (CPU tasks) -> tokenize (CPU tasks)
-              -> score (actor pool holding target and reference) -> write_parquet(OUT/scores/)
+              -> score (actor pool holding target and reference) -> write parts (OUT/scores/)
 
 The driver then gets the score columns only (never texts) for the summary and report.
-Scoring actors are restarted by Ray Data when they die and their batches retried; output is
-written only after every block is materialized, so each input row appears exactly once.
+Scoring actors are restarted by Ray Data when they die and their batches retried; parts are
+written (one task per block, where the block lives, with the audit's S3 encryption) only
+after every block is materialized, so each input row appears exactly once.
 """
 
 from __future__ import annotations
@@ -18,13 +19,12 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ezmia import storage
+from ezmia import outputs, storage
 from ezmia.audit import AuditPlan, open_backend
 from ezmia.backends import BackendOptions, why_not_vllm
 from ezmia.config import AuditConfig
 from ezmia.io import Columns, Fragment, normalize, read_fragment
 from ezmia.models import plan_models
-from ezmia.outputs import SCORES_DIR
 from ezmia.scoring import score_tokenized, tokenize_rows
 from ezmia.text import load_tokenizer
 
@@ -45,6 +45,11 @@ def _tokenizer(path: str):
 
 def _tokenize(rows: pa.Table, tokenizer_path: str, max_length: int) -> pa.Table:
     return tokenize_rows(rows, _tokenizer(tokenizer_path), max_length)
+
+
+def _write_part(table: pa.Table, out: str, encryption: storage.Encryption, part: int) -> None:
+    """Write one scores part (a retried task rewrites the same part name)."""
+    outputs.write_scores(out, table, encryption, part=part)
 
 
 class BlockScorer:
@@ -109,7 +114,7 @@ class RayEngine:
                 fn_constructor_kwargs={"config": config, "threshold": threshold},
                 compute=ray.data.ActorPoolStrategy(
                     min_size=options.min_actors,
-                    max_size=max(options.min_actors, options.max_actors),
+                    max_size=options.max_actors,
                 ),
                 num_gpus=options.gpus_per_actor,
                 num_cpus=options.cpus_per_actor,
@@ -119,7 +124,11 @@ class RayEngine:
             .materialize()
         )
         if out is not None:
-            ds.write_parquet(storage.join(out, SCORES_DIR))
+            write = ray.remote(num_cpus=0.25)(_write_part)
+            parts = ds.to_arrow_refs()  # each block is written where it lives, not via the driver
+            ray.get(
+                [write.remote(ref, out, self.plan.encryption, i) for i, ref in enumerate(parts)]
+            )
         columns = [c for c in ds.schema().names if c != "text"]
         scores = pa.concat_tables(ray.get(ds.select_columns(columns).to_arrow_refs()))
         self.backend_choice = self._choice(scores)

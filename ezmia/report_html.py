@@ -23,6 +23,7 @@ from sklearn.metrics import roc_curve
 from ezmia.scores import (
     EZ_EMPTY,
     EZ_NO_NEGATIVE_SHIFT,
+    EZ_NON_FINITE,
     EZ_OK,
     EZ_STATUSES,
     EZ_TOO_FEW_ERRORS,
@@ -75,6 +76,7 @@ STATUS_NOTES: dict[str, str] = {
     ),
     EZ_EMPTY: "The text produced no tokens; scored 0.0.",
     EZ_TOO_SHORT: "Fewer than 3 tokens, so no position is left to score; scored 0.0.",
+    EZ_NON_FINITE: "A log-prob shift in the error zone was NaN or infinite; scored 0.0.",
 }
 REVIEW_STATUSES = (EZ_NO_NEGATIVE_SHIFT, EZ_TOO_FEW_ERRORS)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def s3():
 @pytest.fixture
 def bucket(s3, request):
     """A fresh bucket per test."""
-    name = "t-" + request.node.name.lower().replace("_", "-")[:50].strip("-")
+    name = "t-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:50].strip("-")
     s3.make_bucket(name)
     return name
 

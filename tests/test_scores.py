@@ -46,7 +46,9 @@ def test_ez_without_negative_shift_is_zero_with_explicit_status():
     assert (result.score, result.status) == (0.0, EZ_NO_NEGATIVE_SHIFT)
 
 
-@pytest.mark.parametrize(("n_tokens", "status"), [(0, EZ_EMPTY), (1, EZ_TOO_SHORT), (2, EZ_TOO_SHORT)])
+@pytest.mark.parametrize(
+    ("n_tokens", "status"), [(0, EZ_EMPTY), (1, EZ_TOO_SHORT), (2, EZ_TOO_SHORT)]
+)
 def test_ez_of_sequences_too_short_to_have_an_error_zone(n_tokens, status):
     n = max(n_tokens - 1, 0)
     result = ez_score(stats([-1.0] * n, [-1.0] * n, [False] * n), n_tokens=n_tokens)
