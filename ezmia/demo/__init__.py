@@ -1,0 +1,1 @@
+"""Offline demo and test models: a tiny GPT-2 trained locally on stdlib docstrings."""

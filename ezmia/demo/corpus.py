@@ -1,0 +1,94 @@
+"""A text corpus built offline from the docstrings of Python's standard library."""
+
+from __future__ import annotations
+
+import ast
+import gc
+import random
+import re
+import sysconfig
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+@dataclass(frozen=True)
+class CorpusSplits:
+    """Disjoint text splits: pretraining data for the base, fine-tune members, held-out."""
+
+    pretrain: list[str]
+    members: list[str]
+    nonmembers: list[str]
+
+
+def _normalise(text: str) -> str:
+    lines = [line.rstrip() for line in text.strip().splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+
+
+def collect_docstrings(min_chars: int = 200) -> list[str]:
+    """Module, class and function docstrings of the running interpreter's stdlib source.
+
+    Files are parsed with ``ast`` (nothing is imported) in sorted path order; test suites,
+    ``idlelib``, ``lib2to3`` and third-party packages are skipped. Docstrings shorter than
+    ``min_chars`` after whitespace normalisation are dropped; duplicates keep first place.
+    """
+    docs = _all_docstrings(Path(sysconfig.get_paths()["stdlib"]))
+    return [doc for doc in docs if len(doc) >= min_chars]
+
+
+def _file_docstrings(path: Path) -> list[str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError, OSError):
+        return []
+    docs = (ast.get_docstring(n, clean=True) for n in ast.walk(tree) if isinstance(n, _DOC_NODES))
+    return [_normalise(doc) for doc in docs if doc]
+
+
+@lru_cache(maxsize=2)
+def _all_docstrings(root: Path) -> tuple[str, ...]:
+    paths = sorted(root.rglob("*.py"))
+    paths = [p for p in paths if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    seen: dict[str, None] = {}
+    gc_enabled = gc.isenabled()
+    gc.disable()  # ASTs are millions of acyclic nodes: collecting them is wasted time
+    try:
+        for path in paths:
+            seen.update((doc, None) for doc in _file_docstrings(path))
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return tuple(seen)
+
+
+def split_corpus(
+    texts: Sequence[str], n_pretrain: int, n_members: int, n_nonmembers: int, seed: int
+) -> CorpusSplits:
+    """Disjoint pretrain/member/nonmember splits from a seeded shuffle of ``texts``.
+
+    Deterministic for the same ``texts``, sizes, seed and Python version. Raises
+    ``ValueError`` when ``texts`` holds fewer than the requested total.
+    """
+    unique = list(dict.fromkeys(texts))
+    need = n_pretrain + n_members + n_nonmembers
+    if min(n_pretrain, n_members, n_nonmembers) < 0:
+        raise ValueError(f"split sizes must be >= 0, got {n_pretrain}/{n_members}/{n_nonmembers}")
+    if len(unique) < need:
+        raise ValueError(
+            f"corpus has {len(unique)} distinct texts, need {need} "
+            f"(pretrain={n_pretrain}, members={n_members}, nonmembers={n_nonmembers})"
+        )
+    random.Random(seed).shuffle(unique)
+    return CorpusSplits(
+        pretrain=unique[:n_pretrain],
+        members=unique[n_pretrain : n_pretrain + n_members],
+        nonmembers=unique[n_pretrain + n_members : need],
+    )

@@ -1,0 +1,265 @@
+"""Train a tiny GPT-2 from scratch and fine-tune it (full and LoRA), all offline on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Model shape and training schedule of a demo build."""
+
+    vocab_size: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    pretrain_epochs: int
+    finetune_epochs: int
+    pretrain_lr: float
+    full_lr: float
+    lora_lr: float
+    batch_size: int
+    n_positions: int = 128
+    seq_len: int = 128
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+
+
+TEST_SIZES = ModelSizes(
+    vocab_size=1024,
+    n_layer=2,
+    n_embd=64,
+    n_head=2,
+    pretrain_epochs=2,
+    finetune_epochs=6,
+    pretrain_lr=5e-3,
+    full_lr=2e-3,
+    lora_lr=2e-3,
+    batch_size=32,
+)
+DEMO_SIZES = ModelSizes(
+    vocab_size=2048,
+    n_layer=4,
+    n_embd=128,
+    n_head=4,
+    pretrain_epochs=2,
+    finetune_epochs=5,
+    pretrain_lr=3e-3,
+    full_lr=1e-3,
+    lora_lr=2e-3,
+    batch_size=16,
+)
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: Path) -> Path:
+    """Train a byte-level BPE tokenizer on ``texts`` and save it as a HF fast tokenizer."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(list(texts), trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
+    )
+    out_dir = Path(out_dir)
+    tok.save_pretrained(out_dir)  # never used to encode: no truncation/padding state baked in
+    return out_dir
+
+
+def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
+def _encode(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
+    return tok(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _collate(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked out of attention and labelled -100."""
+    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _train(
+    model: torch.nn.Module,
+    seqs: Sequence[Sequence[int]],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+) -> float:
+    """The one training loop: AdamW, linear warmup and decay, gradient clipping at 1.
+
+    Returns the mean loss of the last epoch.
+    """
+    torch.manual_seed(seed)
+    order_rng = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    total = epochs * math.ceil(len(seqs) / batch_size)
+    warmup = max(1, total // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, (total - s) / (total - warmup + 1))
+    )
+    model.train()
+    losses: list[float] = []
+    for _ in range(epochs):
+        losses = []
+        order = torch.randperm(len(seqs), generator=order_rng).tolist()
+        for start in range(0, len(order), batch_size):
+            batch = _collate([seqs[i] for i in order[start : start + batch_size]], pad_id)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    model.eval()
+    return sum(losses) / max(1, len(losses))
+
+
+def _save(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path) -> Path:
+    """``save_pretrained`` (safetensors) plus the tokenizer files, copied verbatim."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).exists():
+            shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
+    return out_dir
+
+
+def train_base(
+    texts: Sequence[str], tokenizer_dir: Path, sizes: ModelSizes, out_dir: Path, seed: int
+) -> Path:
+    """Pretrain a GPT-2 from scratch on ``texts`` (EOS-joined, cut into ``seq_len`` chunks).
+
+    ``out_dir`` becomes a complete checkpoint: config, ``model.safetensors``, tokenizer.
+    """
+    tok = _load_tokenizer(tokenizer_dir)
+    eos = tok.eos_token_id
+    stream = [t for ids in _encode(tok, texts) for t in [*ids, eos]]
+    n = sizes.seq_len
+    chunks = [stream[i : i + n] for i in range(0, len(stream) - n + 1, n)]
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=sizes.n_positions,
+        n_embd=sizes.n_embd,
+        n_layer=sizes.n_layer,
+        n_head=sizes.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
+    model = GPT2LMHeadModel(config)
+    _train(
+        model,
+        chunks,
+        epochs=sizes.pretrain_epochs,
+        lr=sizes.pretrain_lr,
+        batch_size=sizes.batch_size,
+        pad_id=eos,
+        seed=seed,
+    )
+    return _save(model, tokenizer_dir, out_dir)
+
+
+def _load_base(base_dir: Path) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel.from_pretrained(str(Path(base_dir).resolve()), dtype=torch.float32)
+
+
+def _finetune(
+    model: torch.nn.Module,
+    base_dir: Path,
+    texts: Sequence[str],
+    sizes: ModelSizes,
+    lr: float,
+    seed: int,
+) -> None:
+    """Train ``model`` on ``texts``, each cut to ``seq_len`` tokens, no special tokens."""
+    tok = _load_tokenizer(base_dir)
+    seqs = [ids[: sizes.seq_len] for ids in _encode(tok, texts) if len(ids) >= 2]
+    _train(
+        model,
+        seqs,
+        epochs=sizes.finetune_epochs,
+        lr=lr,
+        batch_size=sizes.batch_size,
+        pad_id=tok.pad_token_id,
+        seed=seed,
+    )
+
+
+def finetune_full(
+    base_dir: Path, texts: Sequence[str], sizes: ModelSizes, out_dir: Path, seed: int
+) -> Path:
+    """Full fine-tune of the base on ``texts``, each cut to ``seq_len`` tokens.
+
+    ``out_dir`` becomes a complete checkpoint: config, ``model.safetensors``, tokenizer.
+    """
+    torch.manual_seed(seed)
+    model = _load_base(base_dir)
+    _finetune(model, base_dir, texts, sizes, sizes.full_lr, seed)
+    return _save(model, base_dir, out_dir)
+
+
+def set_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
+    """Point ``adapter_config.json``'s ``base_model_name_or_path`` at absolute ``base_dir``."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(Path(base_dir).resolve())
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def finetune_lora(
+    base_dir: Path, texts: Sequence[str], sizes: ModelSizes, out_dir: Path, seed: int
+) -> Path:
+    """LoRA fine-tune (``c_attn``/``c_proj``) of the base on the same data as the full one.
+
+    ``out_dir`` holds only the adapter (``adapter_config.json``, ``adapter_model.safetensors``)
+    plus tokenizer files; the adapter config names the absolute ``base_dir``.
+    """
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=sizes.lora_r,
+        lora_alpha=sizes.lora_alpha,
+        lora_dropout=sizes.lora_dropout,
+        target_modules=["c_attn", "c_proj"],
+        fan_in_fan_out=True,
+    )
+    model = get_peft_model(_load_base(base_dir), lora)
+    _finetune(model, base_dir, texts, sizes, sizes.lora_lr, seed)
+    _save(model, base_dir, out_dir)
+    set_adapter_base(out_dir, base_dir)
+    return Path(out_dir)
