@@ -44,14 +44,27 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoArtifacts:
     return build_demo_artifacts(tmp_path_factory.mktemp("demo"), TEST_SIZES, *COUNTS, seed=0)
 
 
-def _mean_loss(model: torch.nn.Module, tok: object, texts: list[str]) -> float:
-    losses = []
+def _losses(model: torch.nn.Module, tok: object, texts: list[str]) -> torch.Tensor:
+    """Mean next-token loss of each text (cut to ``seq_len`` tokens), in one padded batch."""
+    seqs = [tok(t, add_special_tokens=False)["input_ids"][: TEST_SIZES.seq_len] for t in texts]
+    ids = torch.zeros((len(seqs), max(map(len, seqs))), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
     with torch.no_grad():
-        for text in texts:
-            ids = tok(text, add_special_tokens=False)["input_ids"][: TEST_SIZES.seq_len]
-            ids_t = torch.tensor([ids])
-            losses.append(model(input_ids=ids_t, labels=ids_t).loss.item())
-    return sum(losses) / len(losses)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return (nll * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1)
+
+
+def test_interrupted_build_leaves_nothing(tmp_path: Path) -> None:
+    def log(line: str) -> None:
+        if "pretraining" in line:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_demo_artifacts(tmp_path, TEST_SIZES, *COUNTS, seed=0, log=log)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_build_layout_and_data(demo: DemoArtifacts) -> None:
@@ -61,6 +74,9 @@ def test_build_layout_and_data(demo: DemoArtifacts) -> None:
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
             p.name for p in ckpt.iterdir()
         }
+    lora_files = {p.name for p in demo.lora.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= lora_files
+    assert "model.safetensors" not in lora_files
     assert json.loads((demo.full / "tokenizer.json").read_text())["truncation"] is None
     members = pq.read_table(demo.members).to_pylist()
     nonmembers = pq.read_table(demo.nonmembers).to_pylist()
@@ -80,23 +96,27 @@ def test_build_is_cached(demo: DemoArtifacts) -> None:
     assert len(lines) == 1 and "reusing" in lines[0]
 
 
-def test_full_finetune_memorises_and_adapter_loads(demo: DemoArtifacts) -> None:
+def test_full_finetune_memorises_more_than_lora(demo: DemoArtifacts) -> None:
     from peft import PeftModel
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     tok = AutoTokenizer.from_pretrained(str(demo.full))
     members = pq.read_table(demo.members).column("text").to_pylist()
     nonmembers = pq.read_table(demo.nonmembers).column("text").to_pylist()
+    base = GPT2LMHeadModel.from_pretrained(str(demo.base), dtype=torch.float32).eval()
     full = GPT2LMHeadModel.from_pretrained(str(demo.full), dtype=torch.float32).eval()
-    assert _mean_loss(full, tok, members) < _mean_loss(full, tok, nonmembers) - 0.05
-
     adapter_config = json.loads((demo.lora / "adapter_config.json").read_text())
     assert Path(adapter_config["base_model_name_or_path"]) == demo.base.resolve()
-    base = GPT2LMHeadModel.from_pretrained(str(demo.base), dtype=torch.float32)
-    lora = PeftModel.from_pretrained(base, str(demo.lora)).eval()
-    ids = torch.tensor([tok(members[0], add_special_tokens=False)["input_ids"][:32]])
-    with torch.no_grad():
-        adapted = lora(input_ids=ids).logits
-        with lora.disable_adapter():
-            plain = lora(input_ids=ids).logits
-    assert not torch.allclose(adapted, plain)
+    lora = PeftModel.from_pretrained(
+        GPT2LMHeadModel.from_pretrained(str(demo.base), dtype=torch.float32), str(demo.lora)
+    ).eval()
+
+    base_m, base_n = _losses(base, tok, members), _losses(base, tok, nonmembers)
+    full_m, full_n = _losses(full, tok, members), _losses(full, tok, nonmembers)
+    lora_m, lora_n = _losses(lora, tok, members), _losses(lora, tok, nonmembers)
+    assert full_m.mean() < full_n.mean() - 0.05
+    assert not torch.allclose(lora_m, base_m)
+    # Nonmember-minus-member mean of (target - base) loss: the reference-calibrated exposure.
+    full_gap = (full_n - base_n).mean() - (full_m - base_m).mean()
+    lora_gap = (lora_n - base_n).mean() - (lora_m - base_m).mean()
+    assert full_gap > 0.05 and full_gap > 3 * lora_gap

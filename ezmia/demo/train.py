@@ -261,5 +261,6 @@ def finetune_lora(
     model = get_peft_model(_load_base(base_dir), lora)
     _finetune(model, base_dir, texts, sizes, sizes.lora_lr, seed)
     _save(model, base_dir, out_dir)
+    (Path(out_dir) / "README.md").unlink(missing_ok=True)  # peft's empty model card
     set_adapter_base(out_dir, base_dir)
     return Path(out_dir)
