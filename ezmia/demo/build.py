@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,12 +11,13 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from ezmia.demo.corpus import collect_docstrings, split_corpus
 from ezmia.demo.train import (
@@ -99,6 +101,17 @@ def _write_texts(path: Path, texts: Sequence[str], is_member: Sequence[bool] | N
     pq.write_table(pa.table(columns), path)
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small models train 3-8x faster on one thread than on two busy cores (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def build_demo_artifacts(
     cache_dir: Path,
     sizes: ModelSizes,
@@ -122,7 +135,8 @@ def build_demo_artifacts(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = DemoArtifacts.at(Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)))
     try:
-        _build(tmp, sizes, n_pretrain, n_members, n_nonmembers, seed, log)
+        with _one_thread():
+            _build(tmp, sizes, n_pretrain, n_members, n_nonmembers, seed, log)
         set_adapter_base(tmp.lora, final.base)
         (tmp.root / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
         tmp.root.chmod(0o755)  # mkdtemp made it private

@@ -18,12 +18,11 @@ from pathlib import Path
 import yaml
 
 from ezmia import storage
-from ezmia.demo.build import DemoArtifacts, build_demo_artifacts
+from ezmia.demo.build import DEMO_COUNTS, DemoArtifacts, build_demo_artifacts
 from ezmia.demo.train import DEMO_SIZES
 from ezmia.models import default_cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
-COUNTS = {"n_pretrain": 3000, "n_members": 500, "n_nonmembers": 500}
 SCORES = ("ez_score", "loss", "ref_ratio", "zlib", "min_k", "min_k_pp")
 LABELS = {
     "ez_score": "EZ-MIA",
@@ -129,7 +128,7 @@ def table(summaries: dict[str, dict]) -> str:
 
 def run_demo(out: str, data_uri: str | None) -> int:
     started = time.time()
-    built = build_demo_artifacts(default_cache_dir() / "demo", DEMO_SIZES, **COUNTS, log=print)
+    built = build_demo_artifacts(default_cache_dir() / "demo", DEMO_SIZES, **DEMO_COUNTS, log=print)
     print(f"models ready in {time.time() - started:.0f} s: {built.root}")
     use_job = bool(data_uri and os.environ.get("RAY_ADDRESS"))
     artifacts = stage(built, data_uri) if data_uri else stage(built, str(built.root))
