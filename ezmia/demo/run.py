@@ -105,24 +105,23 @@ def submit(config_uri: str, timeout_s: float = 1200) -> None:
 
 def table(summaries: dict[str, dict]) -> str:
     """The paper's table in miniature: every score, full fine-tune vs LoRA."""
-    head = (
-        f"{'score':<10}"
-        + "".join(f"| {name:^27}" for name in summaries)
-        + "\n"
-        + f"{'':<10}"
-        + "| AUC    TPR@1%  TPR@0.1% " * len(summaries)
-    )
-    lines = [head, "-" * len(head.splitlines()[1])]
+    cell = "{:>7} {:>8} {:>9}"
+    lines = [
+        f"{'':<10}" + "".join(f" | {name:^26}" for name in summaries),
+        f"{'score':<10}" + f" | {cell.format('AUC', 'TPR@1%', 'TPR@0.1%')}" * len(summaries),
+    ]
+    lines.append("-" * len(lines[1]))
     for score in SCORES:
-        cells = []
+        row = f"{LABELS[score]:<10}"
         for summary in summaries.values():
             m = summary["metrics"].get(score)
-            cells.append(
-                f"| {m['auc']:.3f}  {m['tpr_at_1pct_fpr']:6.1%}  {m['tpr_at_0_1pct_fpr']:6.1%}  "
+            values = (
+                (f"{m['auc']:.3f}", f"{m['tpr_at_1pct_fpr']:.1%}", f"{m['tpr_at_0_1pct_fpr']:.1%}")
                 if m
-                else f"| {'n/a':<26}"
+                else ("n/a", "", "")
             )
-        lines.append(f"{LABELS[score]:<10}" + "".join(cells))
+            row += f" | {cell.format(*values)}"
+        lines.append(row)
     return "\n".join(lines)
 
 
