@@ -45,16 +45,21 @@ class AuditPlan:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def plan_audit(config: AuditConfig) -> AuditPlan:
-    """Resolve models and datasets and refuse bad input, before touching the output."""
-    started = time.perf_counter()
-    models = plan_models(
+def resolve_models(config: AuditConfig) -> ModelPlan:
+    """The config's target and reference, resolved (downloaded) and checked on this node."""
+    return plan_models(
         config.target,
         config.reference,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
     )
+
+
+def plan_audit(config: AuditConfig) -> AuditPlan:
+    """Resolve models and datasets and refuse bad input, before touching the output."""
+    started = time.perf_counter()
+    models = resolve_models(config)
     limit = context_length(models)
     if limit is not None and config.max_length > limit:
         raise InputError(

@@ -20,11 +20,10 @@ from pathlib import Path
 import pyarrow as pa
 
 from ezmia import outputs, storage
-from ezmia.audit import AuditPlan, open_backend
+from ezmia.audit import AuditPlan, open_backend, resolve_models
 from ezmia.backends import BackendOptions, why_not_vllm
 from ezmia.config import AuditConfig
 from ezmia.io import Columns, Fragment, normalize, read_fragment
-from ezmia.models import plan_models
 from ezmia.scoring import score_tokenized, tokenize_rows
 from ezmia.text import load_tokenizer
 
@@ -57,13 +56,7 @@ class BlockScorer:
     each tokenized batch."""
 
     def __init__(self, config: AuditConfig, threshold: float | None) -> None:
-        models = plan_models(
-            config.target,
-            config.reference,
-            allow_pickle=config.allow_pickle,
-            trust_remote_code=config.trust_remote_code,
-            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-        )
+        models = resolve_models(config)
         self.backend, choice = open_backend(config, models)
         logging.getLogger(__name__).warning("scoring actor backend: %s", choice)
         self.include_text = config.include_text

@@ -66,3 +66,21 @@ def upload_dir(client, local: Path, bucket: str, prefix: str) -> str:
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(local)}")
     return f"s3://{bucket}/{prefix}"
+
+
+def audit_args(
+    models,
+    out,
+    *extra: str,
+    data=None,
+    target=None,
+    max_length: int = 64,
+    bootstrap_rounds: int = 0,
+) -> list[str]:
+    """``ezmia audit`` arguments for a labelled audit of the test models' eval set."""
+    return [
+        "audit", "--target", str(target or models.full), "--reference", str(models.base),
+        "--data", str(data or models.eval), "--id-column", "id", "--label-column", "is_member",
+        "--out", str(out), "--max-length", str(max_length),
+        "--bootstrap-rounds", str(bootstrap_rounds), *extra,
+    ]  # fmt: skip

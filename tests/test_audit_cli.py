@@ -13,7 +13,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from ezmia.cli import main
-from tests.conftest import upload_dir
+from tests.conftest import audit_args, upload_dir
 
 SCORE_COLUMNS = [
     "id",
@@ -32,27 +32,7 @@ SCORE_COLUMNS = [
 
 
 def run_audit(models, out, *extra, target=None):
-    args = [
-        "audit",
-        "--target",
-        str(target or models.full),
-        "--reference",
-        str(models.base),
-        "--data",
-        str(models.eval),
-        "--id-column",
-        "id",
-        "--label-column",
-        "is_member",
-        "--out",
-        str(out),
-        "--max-length",
-        "64",
-        "--bootstrap-rounds",
-        "20",
-        *extra,
-    ]
-    return main(args)
+    return main(audit_args(models, out, *extra, target=target, bootstrap_rounds=20))
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 
 from ezmia import outputs, storage
 from ezmia.cli import main
+from tests.conftest import audit_args
 from tests.infra import LOCALHOST, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,29 +96,6 @@ def _error_line(err: str) -> str:
     return lines[0]
 
 
-def _audit_args(models, data: Path, out: str, *extra: str) -> list[str]:
-    return [
-        "audit",
-        "--target",
-        str(models.full),
-        "--reference",
-        str(models.base),
-        "--data",
-        str(data),
-        "--id-column",
-        "id",
-        "--label-column",
-        "is_member",
-        "--out",
-        out,
-        "--max-length",
-        "32",
-        "--bootstrap-rounds",
-        "0",
-        *extra,
-    ]
-
-
 def _dataset(models, path: Path, rows: int, row_group_size: int) -> Path:
     """``rows`` labelled texts of the demo's eval set (repeated under new ids if needed)."""
     table = pq.read_table(models.eval)
@@ -148,7 +126,7 @@ def test_s3_going_down_mid_write_fails_cleanly_and_a_rerun_completes(
     proxy = TcpProxy(s3.port).start()
     env = {**os.environ, **s3.env, "AWS_ENDPOINT_URL": proxy.endpoint, "EZMIA_S3_MAX_ATTEMPTS": "2"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "ezmia", *_audit_args(models, data, out)],
+        [sys.executable, "-m", "ezmia", *audit_args(models, out, data=data, max_length=32)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -180,7 +158,7 @@ def test_s3_going_down_mid_write_fails_cleanly_and_a_rerun_completes(
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     storage.s3_client.cache_clear()
     try:
-        assert main(_audit_args(models, data, out)) == 0
+        assert main(audit_args(models, out, data=data, max_length=32)) == 0
     finally:
         proxy.stop()
         storage.s3_client.cache_clear()
@@ -216,7 +194,7 @@ def test_an_unexpected_error_inside_scoring_leaves_no_report(models, tmp_path, m
     monkeypatch.setattr(outputs, "write_scores", recording)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="boom"):
-        main(_audit_args(models, data, str(out)))
+        main(audit_args(models, out, data=data, max_length=32))
     assert len(written) == 1  # the first part had been written
     assert not out.exists()
 
@@ -232,7 +210,7 @@ def test_an_s3_error_late_in_the_run_is_one_line(models, tmp_path, monkeypatch, 
     monkeypatch.setattr("ezmia.audit.render_report", fail)
     data = _dataset(models, tmp_path / "data.parquet", 8, row_group_size=8)
     out = tmp_path / "out"
-    assert main(_audit_args(models, data, str(out))) == 2
+    assert main(audit_args(models, out, data=data, max_length=32)) == 2
     line = _error_line(capsys.readouterr().err)
     assert line.startswith("ezmia: error: S3: could not connect to the S3 endpoint")
     assert "X-Amz-Signature" not in line

@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 
 from ezmia import storage
 from ezmia.cli import main
-from tests.conftest import upload_dir
+from tests.conftest import audit_args, upload_dir
+
+SMALL = {"max_length": 32, "bootstrap_rounds": 5}
 
 CANARY = "The violet heron of Zanzibar counted 7341 lanterns before the eclipse."
 SECRET = "EzmiaCanarySecret/9f8e7d6c5b4a39281706+QzX"
@@ -42,29 +44,6 @@ def _texts_in(data: bytes) -> str:
     return "\n".join(parts)
 
 
-def _audit(models, data: str, out: str, *extra: str, target=None) -> list[str]:
-    return [
-        "audit",
-        "--target",
-        str(target or models.full),
-        "--reference",
-        str(models.base),
-        "--data",
-        data,
-        "--id-column",
-        "id",
-        "--label-column",
-        "is_member",
-        "--out",
-        out,
-        "--max-length",
-        "32",
-        "--bootstrap-rounds",
-        "5",
-        *extra,
-    ]
-
-
 def _objects(client, bucket: str, prefix: str) -> dict[str, dict]:
     """Every object under ``prefix``: its ``head_object`` answer plus its ``Body`` bytes."""
     found = {}
@@ -80,7 +59,9 @@ def test_outputs_hold_no_raw_text_and_every_object_is_encrypted(models, s3, tmp_
     client = s3.client()
     client.upload_file(_dataset(models, tmp_path / "d.parquet"), bucket, "data/d.parquet")
     out = f"s3://{bucket}/audit"
-    assert main(_audit(models, f"s3://{bucket}/data/", out, "--sse", "AES256")) == 0
+    assert (
+        main(audit_args(models, out, "--sse", "AES256", data=f"s3://{bucket}/data/", **SMALL)) == 0
+    )
     objects = _objects(client, bucket, "audit/")
     assert {"audit/_SUCCESS", "audit/summary.json", "audit/report.html"} <= set(objects)
     assert any(key.startswith("audit/scores/") for key in objects)
@@ -99,7 +80,7 @@ def test_outputs_hold_no_raw_text_and_every_object_is_encrypted(models, s3, tmp_
 def test_include_text_is_the_only_way_texts_reach_the_outputs(models, tmp_path):
     data = _dataset(models, tmp_path / "d.parquet")
     out = tmp_path / "with-text"
-    assert main(_audit(models, data, str(out), "--include-text")) == 0
+    assert main(audit_args(models, out, "--include-text", data=data, **SMALL)) == 0
     found = [p.name for p in out.rglob("*") if p.is_file() and CANARY in _texts_in(p.read_bytes())]
     assert found and all(name.endswith(".parquet") for name in found)
 
@@ -115,9 +96,8 @@ def test_credentials_never_reach_outputs_or_logs(models, s3, tmp_path, monkeypat
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     storage.s3_client.cache_clear()
     out = f"s3://{bucket}/audit"
-    args = _audit(
+    args = audit_args(
         models,
-        f"s3://{bucket}/data/",
         out,
         "--sse",
         "aws:kms",
@@ -125,7 +105,9 @@ def test_credentials_never_reach_outputs_or_logs(models, s3, tmp_path, monkeypat
         KMS_KEY,
         "--cache-dir",
         str(tmp_path / "cache"),
+        data=f"s3://{bucket}/data/",
         target=target,
+        **SMALL,
     )
     try:
         assert main(["--verbose", *args]) == 0

@@ -271,34 +271,12 @@ def test_cli_audit_with_vllm_matches_the_independent_implementation(
     import pyarrow.parquet as pq
 
     from ezmia.cli import main
+    from tests.conftest import audit_args
     from tests.reference_ez import naive_ez
 
     out = tmp_path / "out"
-    code = main(
-        [
-            "audit",
-            "--target",
-            str(getattr(models, target)),
-            "--reference",
-            str(models.base),
-            "--data",
-            str(models.eval),
-            "--id-column",
-            "id",
-            "--label-column",
-            "is_member",
-            "--backend",
-            "vllm",
-            "--max-length",
-            "64",
-            "--bootstrap-rounds",
-            "0",
-            "--out",
-            str(out),
-            "--cache-dir",
-            str(tmp_path),
-        ]
-    )
+    extra = ("--backend", "vllm", "--cache-dir", str(tmp_path))
+    code = main(audit_args(models, out, *extra, target=getattr(models, target)))
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"]["name"] == "vllm" and summary["backend"]["reason"]
