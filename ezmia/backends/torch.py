@@ -1,14 +1,19 @@
-"""PyTorch scoring backend: both passes with transformers, statistics chunked over positions.
+"""PyTorch scoring backend: both passes with transformers, the LM head fused with its statistics.
 
-Sequences are sorted by length and padded per batch. The LM head runs on chunks of real
-(non-padding) positions only, so no batch x seq x vocab log-softmax is ever held at once.
-An adapter target shares one copy of the base weights with its reference.
+Sequences are sorted by length and right-padded per batch. A causal model needs no attention
+mask for right padding (a real position never attends to a later one), so SDPA keeps its fast
+causal kernel. The LM head runs tile by tile (``position_chunk`` real positions x
+``vocab_chunk`` vocabulary entries) and each tile is reduced at once, while it sits in cache,
+to per-row partial statistics that merge like an online logsumexp: no positions x vocabulary
+matrix is ever held. An adapter target shares one copy of the base weights with its reference.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -17,6 +22,11 @@ from ezmia.scores import TokenStats
 
 # Configs whose logits are transformed after the head: score them from full logits.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+# (position_chunk, vocab_chunk) per device type: a few MB of fp32 logits per tile on CPU (cache
+# resident), large tiles on accelerators (fewer kernel launches).
+_TILES = {"cpu": (1024, 2048)}
+_ACCELERATOR_TILES = (4096, 32768)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -32,27 +42,134 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+class _Partial(NamedTuple):
+    """Per-row statistics of the logits over part of the vocabulary: the maximum ``top``, the
+    true token's logit (0 where it lies outside the part), and ``moments`` (float64; one
+    column without the distribution, three with it): the sums of ``e``, ``e*z`` and ``e*z**2``
+    over the part, where ``z = logit - top`` and ``e = exp(z)``."""
+
+    top: torch.Tensor
+    target: torch.Tensor
+    moments: torch.Tensor
+
+
+def _tile_partial(
+    logits: torch.Tensor, offset: int, targets: torch.Tensor, with_distribution: bool
+) -> _Partial:
+    """Partial statistics of a tile of logits covering vocabulary ``offset:offset+width``.
+
+    Overwrites ``logits`` (a tile the caller owns): each pass over it runs while it is in cache.
+    """
+    logits = logits.float()
+    width = logits.shape[-1]
+    local = targets - offset
+    inside = (local >= 0) & (local < width)
+    target = logits.gather(-1, local.clamp(0, width - 1)[:, None]).squeeze(-1).where(inside, 0.0)
+    top = logits.amax(dim=-1)
+    z = logits.sub_(top[:, None])
+    e = z.exp() if with_distribution else z.exp_()
+    sums = [_precise_sum(e)]
+    if with_distribution:
+        ez = e.mul_(z)
+        sums += [ez.sum(-1).double(), torch.linalg.vecdot(ez, z).double()]
+    return _Partial(top, target, torch.stack(sums, -1))
+
+
+def _precise_sum(x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Row sums of ``x`` in float64 over fp32 sums of ``block`` entries. A plain fp32 sum over
+    the vocabulary rounds log-probs by ~1e-6, which moves EZ scores (ratios of small log-prob
+    shifts) by ~1e-5; converting whole tiles to float64 first costs a quarter of the head."""
+    if x.shape[-1] % block:
+        return x.sum(-1, dtype=torch.float64)
+    return x.view(x.shape[0], -1, block).sum(-1).sum(-1, dtype=torch.float64)
+
+
+def _rebase(part: _Partial, top: torch.Tensor) -> torch.Tensor:
+    """``part.moments`` re-expressed relative to ``top`` (>= ``part.top``)."""
+    d = (part.top - top).double()
+    s = part.moments
+    columns = [s[:, 0]]
+    if s.shape[1] == 3:
+        columns.append(s[:, 1] + d * s[:, 0])
+        columns.append(s[:, 2] + 2 * d * s[:, 1] + d.square() * s[:, 0])
+    return torch.stack(columns, -1) * d.exp()[:, None]
+
+
+def _merge(a: _Partial, b: _Partial) -> _Partial:
+    """Statistics of the union of two disjoint vocabulary parts."""
+    top = torch.maximum(a.top, b.top)
+    return _Partial(top, a.target + b.target, _rebase(a, top) + _rebase(b, top))
+
+
+def _finish(part: _Partial) -> dict[str, torch.Tensor]:
+    """True-token log-prob, top-1 hit and (with three moments) mean/std of log p.
+
+    The top-1 hit is "the true token attains the maximum logit" (vLLM's rank 1); it differs
+    from ``argmax == token`` only on an exact tie.
+    """
+    s = part.moments
+    log_s0 = s[:, 0].log()
+    stats = {
+        "lp": part.target.double() - part.top.double() - log_s0,
+        "top1": part.target >= part.top,
+    }
+    if s.shape[1] == 3:
+        mean_z = s[:, 1] / s[:, 0]
+        stats["mu"] = mean_z - log_s0
+        stats["sigma"] = (s[:, 2] / s[:, 0] - mean_z.square()).clamp_min(0).sqrt()
+    return stats
+
+
 def head_statistics(
     logits: torch.Tensor, targets: torch.Tensor, with_distribution: bool
 ) -> dict[str, torch.Tensor]:
     """True-token log-prob, top-1 hit and (optionally) mean/std of log p, per row of logits."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
-    stats = {
-        "lp": logits.gather(-1, targets[:, None]).squeeze(-1) - lse,
-        "top1": logits.argmax(dim=-1) == targets,
-    }
-    if with_distribution:
-        logp = logits - lse[:, None]
-        p = logp.exp()
-        mu = (p * logp).sum(-1)
-        stats["mu"] = mu
-        stats["sigma"] = (p * (logp - mu[:, None]).square()).sum(-1).sqrt()
-    return stats
+    return _finish(_tile_partial(logits.clone(), 0, targets, with_distribution))
+
+
+def _tiles(
+    rows: torch.Tensor, head: torch.nn.Linear | None, vocab_chunk: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(offset, logits)`` of each vocabulary slice: the head applied to hidden-state ``rows``,
+    or slices of ``rows`` themselves when they are logits (``head`` None)."""
+    width = rows.shape[-1] if head is None else head.out_features
+    for offset in range(0, width, vocab_chunk):
+        cols = slice(offset, offset + vocab_chunk)
+        if head is None:
+            yield offset, rows[:, cols]
+        else:
+            bias = None if head.bias is None else head.bias[cols]
+            yield offset, torch.nn.functional.linear(rows, head.weight[cols], bias)
+
+
+def tiled_head_statistics(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: torch.nn.Linear | None,
+    with_distribution: bool,
+    position_chunk: int,
+    vocab_chunk: int,
+) -> dict[str, torch.Tensor]:
+    """``head_statistics`` of ``head(hidden)`` (or of ``hidden`` as logits when ``head`` is
+    None, which it overwrites), computed tile by tile without holding all the logits."""
+    parts = []
+    for rows, row_targets in zip(
+        hidden.split(position_chunk), targets.split(position_chunk), strict=True
+    ):
+        partials = (
+            _tile_partial(tile, offset, row_targets, with_distribution)
+            for offset, tile in _tiles(rows, head, vocab_chunk)
+        )
+        parts.append(_finish(functools.reduce(_merge, partials)))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 class TorchBackend:
-    """Scores with transformers models; works on CPU and CUDA, without Ray."""
+    """Scores with transformers models; works on CPU and CUDA, without Ray.
+
+    ``position_chunk`` x ``vocab_chunk`` is the LM-head tile (logits held at once per pass);
+    ``None`` picks a size for the device.
+    """
 
     name = "torch"
     provides_distribution = True
@@ -64,27 +181,31 @@ class TorchBackend:
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 16,
-        position_chunk: int = 1024,
+        position_chunk: int | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
+        vocab_chunk: int | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.position_chunk = position_chunk
+        default_rows, default_vocab = _TILES.get(self.device.type, _ACCELERATOR_TILES)
+        self.position_chunk = position_chunk or default_rows
+        self.vocab_chunk = vocab_chunk or default_vocab
         load = dict(
             dtype=self.dtype,
             device=self.device,
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
-        base = load_causal_lm(plan.reference, **load)
+        base = _fuse_activations(load_causal_lm(plan.reference, **load))
         if plan.target_is_adapter:
             # One copy of the base: the reference pass is the target with its adapter off.
             self.target = self.reference = attach_adapter(base, plan.target)
             self._reference_context = self.target.disable_adapter
         else:
-            self.target, self.reference = load_causal_lm(plan.target, **load), base
+            self.target = _fuse_activations(load_causal_lm(plan.target, **load))
+            self.reference = base
             self._reference_context = contextlib.nullcontext
 
     def close(self) -> None:
@@ -109,46 +230,56 @@ class TorchBackend:
     def _score_batch(self, sequences: list[Sequence[int]]) -> list[TokenStats]:
         width = max(len(s) for s in sequences)
         ids = torch.zeros((len(sequences), width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.as_tensor(seq)
-            mask[row, : len(seq)] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        target = self._pass(self.target, ids, mask, with_distribution=True)
+        lengths = torch.tensor([len(s) for s in sequences])
+        valid = torch.arange(1, width) < lengths[:, None]
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        target = self._pass(self.target, ids, valid, with_distribution=True)
         with self._reference_context():
-            reference = self._pass(self.reference, ids, mask, with_distribution=False)
-        lengths = [len(s) - 1 for s in sequences]
-        split = {k: torch.split(v.cpu(), lengths) for k, v in target.items()}
-        ref_lp = torch.split(reference["lp"].cpu(), lengths)
+            reference = self._pass(self.reference, ids, valid, with_distribution=False)
+        counts = (lengths - 1).tolist()
+        split = {k: torch.split(v.cpu(), counts) for k, v in target.items()}
+        ref_lp = torch.split(reference["lp"].cpu(), counts)
         return [
             TokenStats(
-                lp_target=split["lp"][i].double().numpy(),
-                lp_reference=ref_lp[i].double().numpy(),
-                target_top1=split["top1"][i].numpy().astype(bool),
-                mu=split["mu"][i].double().numpy(),
-                sigma=split["sigma"][i].double().numpy(),
+                lp_target=split["lp"][i].numpy(),
+                lp_reference=ref_lp[i].numpy(),
+                target_top1=split["top1"][i].numpy(),
+                mu=split["mu"][i].numpy(),
+                sigma=split["sigma"][i].numpy(),
             )
             for i in range(len(sequences))
         ]
 
     def _pass(
-        self, model, ids: torch.Tensor, mask: torch.Tensor, with_distribution: bool
+        self, model, ids: torch.Tensor, valid: torch.Tensor, with_distribution: bool
     ) -> dict[str, torch.Tensor]:
-        """Statistics of every real predicted position, concatenated row by row."""
-        valid = mask[:, 1:].bool()
+        """Statistics of every real predicted position, concatenated row by row.
+
+        Right padding needs no attention mask: real positions never attend to later ones.
+        """
         targets = ids[:, 1:][valid]
         body, head = _body_and_head(model)
         if body is not None:
-            hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1][valid]
-            chunks = (head(h) for h in hidden.split(self.position_chunk))
+            hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][valid]
         else:
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][valid]
-            chunks = iter(logits.split(self.position_chunk))
-        parts = [
-            head_statistics(logits, t, with_distribution)
-            for logits, t in zip(chunks, targets.split(self.position_chunk), strict=True)
-        ]
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            hidden = model(input_ids=ids, use_cache=False).logits[:, :-1][valid]
+        return tiled_head_statistics(
+            hidden, targets, head, with_distribution, self.position_chunk, self.vocab_chunk
+        )
+
+
+def _fuse_activations(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap GPT-2's tanh-GELU written as eight tensor ops (``NewGELUActivation``) for the same
+    formula as one fused kernel; it agrees to float rounding and was a fifth of a GPT-2 pass."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GELUTanh())
+    return model
 
 
 def _body_and_head(model):

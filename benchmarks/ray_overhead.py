@@ -1,0 +1,110 @@
+"""The Ray engine's overhead against the local engine, on the same data and model:
+
+    .venv/bin/python benchmarks/ray_overhead.py [--sequences 20000] [--out DIR]
+
+A tiny GPT-2 (so 20,000 sequences finish in minutes on 2 CPUs: the run measures the engine,
+not the model) scores the same Parquet file through ``ezmia.audit.audit`` with
+``engine="local"`` and ``engine="ray"`` (one scoring actor; ``--actors``/``--cpus-per-actor``
+to change). Ray's cluster start is timed apart: a long-lived cluster pays it once. Results go
+to ``ray_overhead.json`` under ``--out`` (default: ``$OUT`` or ``benchmarks/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sequences", type=int, default=20_000)
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--rows-per-block", type=int, default=1024)
+    parser.add_argument("--out", type=Path)
+    return parser.parse_args()
+
+
+def write_dataset(texts: list[str], path: Path, row_group: int = 2048) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=row_group)
+    return str(path)
+
+
+def timed_audit(config) -> dict:
+    """Wall seconds of one audit, with the audit's own phase timings."""
+    from ezmia.audit import audit
+
+    started = time.perf_counter()
+    result = audit(config)
+    return {"seconds": time.perf_counter() - started, "timings": result.summary["timings"]}
+
+
+def main() -> None:
+    args = parse_args()
+    from benchmarks import fixtures
+    from ezmia.config import AuditConfig, RayOptions
+
+    with tempfile.TemporaryDirectory(prefix="ezmia-ray-overhead-") as tmp:
+        work = Path(tmp)
+        models = fixtures.build("tiny", work)
+        data = write_dataset(fixtures.texts(args.sequences), work / "texts.parquet")
+        ray_options = RayOptions(
+            min_actors=args.actors,
+            max_actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor,
+            rows_per_block=args.rows_per_block,
+        )
+
+        def config(engine: str) -> AuditConfig:
+            return AuditConfig(
+                target=str(models.full), reference=str(models.base), data=[data],
+                out=str(work / f"out-{engine}"), engine=engine, bootstrap_rounds=0,
+                ray=ray_options,
+            )  # fmt: skip
+
+        local = timed_audit(config("local"))
+        import ray
+
+        started = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray_start_s = time.perf_counter() - started
+        on_ray = timed_audit(config("ray"))
+        ray.shutdown()
+    report(args, local, on_ray, ray_start_s)
+
+
+def report(args: argparse.Namespace, local: dict, on_ray: dict, ray_start_s: float) -> None:
+    results = {
+        "sequences": args.sequences,
+        "actors": args.actors,
+        "cpus_per_actor": args.cpus_per_actor,
+        "cpu_count": os.cpu_count(),
+        "local": local,
+        "ray": on_ray,
+        "ray_start_s": ray_start_s,
+        "overhead": on_ray["seconds"] / local["seconds"],
+        "overhead_with_start": (on_ray["seconds"] + ray_start_s) / local["seconds"],
+    }
+    out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ray_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(
+        f"{args.sequences} sequences: local {local['seconds']:.1f} s, Ray {on_ray['seconds']:.1f}"
+        f" s (+{ray_start_s:.1f} s cluster start): Ray/local = {results['overhead']:.2f}x "
+        f"({results['overhead_with_start']:.2f}x with the start); goal <= 1.2x"
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    main()
