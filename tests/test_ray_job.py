@@ -139,16 +139,22 @@ def test_two_audit_job_matches_local_engine_and_indexes_both(cluster, s3, staged
     assert sockets_off_loopback(ours) == []
 
 
+def _scoring_actors() -> list[int]:
+    """Scoring actor processes of this test run (never another session's)."""
+    found = subprocess.run(
+        ["pgrep", "-f", "MapBatches\\(BlockScorer\\)"], capture_output=True, text=True
+    ).stdout.split()
+    ours = process_tree()
+    return [int(pid) for pid in found if int(pid) in ours]
+
+
 def _kill_scoring_actor_once(deadline: float, killed: list[int]) -> None:
     while time.time() < deadline and not killed:
-        found = subprocess.run(
-            ["pgrep", "-f", "MapBatches\\(BlockScorer\\)"], capture_output=True, text=True
-        ).stdout.split()
-        found = [pid for pid in found if int(pid) in process_tree()]
+        found = _scoring_actors()
         if found:
             time.sleep(3)  # let it load the models and start scoring
-            os.kill(int(found[0]), signal.SIGKILL)
-            killed.append(int(found[0]))
+            os.kill(found[0], signal.SIGKILL)
+            killed.append(found[0])
         time.sleep(0.2)
 
 
@@ -200,3 +206,40 @@ def test_killed_scoring_actor_is_replaced_and_every_row_scored_once(
     ids = scores.column("id").to_pylist()
     assert len(ids) == big.num_rows and len(set(ids)) == len(ids)
     assert set(ids) == set(big.column("id").to_pylist())
+
+
+def _success_exists(s3, bucket: str, prefix: str) -> bool:
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])
+    return any(o["Key"].endswith("/_SUCCESS") for o in listing)
+
+
+def test_lost_worker_node_completes_or_fails_cleanly_and_a_resubmit_completes(
+    cluster, s3, staged, models, tmp_path
+):
+    spec = {"out": f"s3://{staged['bucket']}/nodeloss/", "date": "2026-01-04", "audits": [{
+        "name": "full", "target": staged["full"], "reference": staged["base"],
+        "data": [staged["eval"]], "id_column": "id", "label_column": "is_member",
+        "max_length": 64, "bootstrap_rounds": 0, "engine": "ray", "batch_size": 2,
+        "ray": {"max_actors": 2, "rows_per_block": 8}}]}  # fmt: skip
+    config = put_yaml(s3, staged["bucket"], "jobs/nodeloss.yaml", spec)
+    job, _ = submit(cluster, s3, config, tmp_path)
+    deadline = time.time() + 300
+    while time.time() < deadline and not _scoring_actors():
+        time.sleep(0.5)
+    time.sleep(3)
+    cluster.remove_worker()
+    try:
+        status, logs = cluster.wait_job(job, timeout=600)
+        prefix = "nodeloss/date=2026-01-04/checkpoint=full/"
+        expected = pq.read_table(models.eval).num_rows
+        if status == "SUCCEEDED":
+            ids = read_s3_table(s3, f"s3://{staged['bucket']}/{prefix}scores/").column("id")
+            assert len(ids) == expected and len(set(ids.to_pylist())) == expected
+        else:
+            assert not _success_exists(s3, staged["bucket"], prefix), logs[-2000:]
+            job, _ = submit(cluster, s3, config, tmp_path)  # the same job, resubmitted
+            status, logs = cluster.wait_job(job, timeout=600)
+            assert status == "SUCCEEDED", logs[-3000:]
+            assert _success_exists(s3, staged["bucket"], prefix)
+    finally:
+        cluster.add_worker()
