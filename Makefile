@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ezmia-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint clean stack-up stack-down
+.PHONY: install test demo bench bench-scale lint clean stack-up stack-down
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/run.py
+
+bench-scale: install
+	$(PY) benchmarks/ray_overhead.py
 
 lint: install
 	$(VENV)/bin/ruff check .
