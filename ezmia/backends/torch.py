@@ -65,13 +65,15 @@ def _tile_partial(
     local = targets - offset
     inside = (local >= 0) & (local < width)
     target = logits.gather(-1, local.clamp(0, width - 1)[:, None]).squeeze(-1).where(inside, 0.0)
-    top = logits.amax(dim=-1)
+    # A finite floor keeps rows of -inf logits from turning into NaN when parts merge.
+    top = logits.amax(dim=-1).clamp_min(torch.finfo(torch.float32).min)
     z = logits.sub_(top[:, None])
-    e = z.exp() if with_distribution else z.exp_()
-    sums = [_precise_sum(e)]
-    if with_distribution:
-        ez = e.mul_(z)
-        sums += [ez.sum(-1).double(), torch.linalg.vecdot(ez, z).double()]
+    if not with_distribution:
+        return _Partial(top, target, _precise_sum(z.exp_())[:, None])
+    e = z.clamp_min_(-1e30).exp()  # a -inf logit has p = 0 and adds nothing (not 0 * -inf)
+    s0 = _precise_sum(e)
+    ez = e.mul_(z)
+    sums = [s0, ez.sum(-1).double(), torch.linalg.vecdot(ez, z).double()]
     return _Partial(top, target, torch.stack(sums, -1))
 
 
@@ -81,7 +83,7 @@ def _precise_sum(x: torch.Tensor, block: int = 64) -> torch.Tensor:
     shifts) by ~1e-5; converting whole tiles to float64 first costs a quarter of the head."""
     if x.shape[-1] % block:
         return x.sum(-1, dtype=torch.float64)
-    return x.view(x.shape[0], -1, block).sum(-1).sum(-1, dtype=torch.float64)
+    return x.reshape(x.shape[0], -1, block).sum(-1).sum(-1, dtype=torch.float64)
 
 
 def _rebase(part: _Partial, top: torch.Tensor) -> torch.Tensor:
@@ -207,6 +209,9 @@ class TorchBackend:
             self.target = _fuse_activations(load_causal_lm(plan.target, **load))
             self.reference = base
             self._reference_context = contextlib.nullcontext
+        # Padding is never attended to; any id but the pad id keeps transformers from warning
+        # that a mask is missing.
+        self._fill = 1 if getattr(base.config, "pad_token_id", None) == 0 else 0
 
     def close(self) -> None:
         del self.target, self.reference
@@ -229,7 +234,7 @@ class TorchBackend:
 
     def _score_batch(self, sequences: list[Sequence[int]]) -> list[TokenStats]:
         width = max(len(s) for s in sequences)
-        ids = torch.zeros((len(sequences), width), dtype=torch.long)
+        ids = torch.full((len(sequences), width), self._fill, dtype=torch.long)
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.as_tensor(seq)
         lengths = torch.tensor([len(s) for s in sequences])
