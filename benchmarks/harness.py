@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--oracle-sequences", type=int, default=8, help="texts also scored in float64 (0: none)"
     )
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per path (best kept)")
     parser.add_argument("--workdir", type=Path, help="model cache (default: a temp dir)")
     parser.add_argument("--out", type=Path, help="results dir (default: $OUT or benchmarks/)")
     return parser.parse_args(argv)
@@ -75,7 +76,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[tupl
                 "target": str(fixture.target(kind)), "base": str(fixture.base),
                 "adapter": kind == "lora", "device": args.device, "dtype": args.dtype,
                 "batch_size": args.batch_size, "max_length": args.max_length,
-                "oracle_sequences": args.oracle_sequences,
+                "oracle_sequences": args.oracle_sequences, "repeats": args.repeats,
             }  # fmt: skip
             runs[path] = run_path(spec, workdir)
             log(f"{name} {kind} {path}: {runs[path]['seconds']:.1f} s")
@@ -98,6 +99,7 @@ def summarize(args: argparse.Namespace, runs: list[tuple[dict, int]], peaks: dic
         "dtype": args.dtype,
         "max_length": args.max_length,
         "sequences": args.sequences,
+        "repeats": args.repeats,
         "peaks": peaks,
         "mfu_peak": report.MFU_PEAK[torch.device(args.device).type],
         "cases": cases,
@@ -133,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     log("measuring the matmul peak again")
     # MFU is against the higher of two peak measurements, one before and one after.
     peaks = {k: max(v, peaks[k]) for k, v in machine_peaks(device).items()}
+    info["load_average_end"] = list(os.getloadavg())
     results = {**summarize(args, runs, peaks), "hardware": info}
     write(results, out)
     print(report.table(results["cases"], report.CASE_COLUMNS))
