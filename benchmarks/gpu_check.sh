@@ -19,7 +19,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 "$PYTHON" -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"'
 timeout 450 "$PYTHON" benchmarks/run.py \
-  --device cuda --dtype bfloat16 --batch-size 256 \
+  --device cuda --dtype bfloat16 --batch-size 256 --repeats 1 \
   --models gpt2-small,llama-1b --targets full,lora \
-  --sequences gpt2-small=8192,llama-1b=8192 --oracle-sequences 16 \
+  --sequences gpt2-small=8192,llama-1b=4096 --oracle-sequences 16 \
   --workdir "$WORK" --out "$OUT_DIR"

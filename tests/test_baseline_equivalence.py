@@ -10,7 +10,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks import baseline
-from ezmia.backends.torch import TorchBackend, head_statistics, tiled_head_statistics
+from ezmia.backends.torch import (
+    TorchBackend,
+    _inplace_moments,
+    _pure_moments,
+    head_statistics,
+    tiled_head_statistics,
+)
 from ezmia.demo.corpus import collect_docstrings
 from ezmia.demo.train import set_adapter_base, train_tokenizer
 from ezmia.models import plan_models
@@ -96,3 +102,14 @@ def test_tiled_statistics_equal_the_full_log_softmax():
         np.testing.assert_allclose(got["mu"], mu, atol=1e-4)
         np.testing.assert_allclose(got["sigma"], sigma, atol=1e-4)
         assert torch.equal(got["top1"], logits.argmax(-1) == targets)
+
+
+@pytest.mark.parametrize("with_distribution", [False, True])
+def test_compilable_tile_moments_equal_the_in_place_ones(with_distribution):
+    torch.manual_seed(1)
+    tile = torch.randn(50, 777) * 8
+    tile[:5, 100:300] = float("-inf")
+    top, sums = _pure_moments(tile, with_distribution)
+    expected_top, expected_sums = _inplace_moments(tile.clone(), with_distribution)
+    assert torch.equal(top, expected_top)
+    torch.testing.assert_close(sums, expected_sums, rtol=1e-6, atol=1e-6)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -53,28 +54,55 @@ class _Partial(NamedTuple):
     moments: torch.Tensor
 
 
-def _tile_partial(
-    logits: torch.Tensor, offset: int, targets: torch.Tensor, with_distribution: bool
-) -> _Partial:
-    """Partial statistics of a tile of logits covering vocabulary ``offset:offset+width``.
+Moments = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
 
-    Overwrites ``logits`` (a tile the caller owns): each pass over it runs while it is in cache.
-    """
+# A finite floor for a tile's maximum keeps rows of -inf logits from turning into NaN.
+_FLOOR = torch.finfo(torch.float32).min
+
+
+def _inplace_moments(logits: torch.Tensor, with_distribution: bool):
+    """``(top, moments)`` of a tile, overwriting it: each pass runs while the tile is in cache
+    (the CPU path)."""
     logits = logits.float()
-    width = logits.shape[-1]
-    local = targets - offset
-    inside = (local >= 0) & (local < width)
-    target = logits.gather(-1, local.clamp(0, width - 1)[:, None]).squeeze(-1).where(inside, 0.0)
-    # A finite floor keeps rows of -inf logits from turning into NaN when parts merge.
-    top = logits.amax(dim=-1).clamp_min(torch.finfo(torch.float32).min)
+    top = logits.amax(dim=-1).clamp_min(_FLOOR)
     z = logits.sub_(top[:, None])
     if not with_distribution:
-        return _Partial(top, target, _precise_sum(z.exp_())[:, None])
+        return top, _precise_sum(z.exp_())[:, None]
     e = z.clamp_min_(-1e30).exp()  # a -inf logit has p = 0 and adds nothing (not 0 * -inf)
     s0 = _precise_sum(e)
     ez = e.mul_(z)
-    sums = [s0, ez.sum(-1).double(), torch.linalg.vecdot(ez, z).double()]
-    return _Partial(top, target, torch.stack(sums, -1))
+    return top, torch.stack([s0, ez.sum(-1).double(), torch.linalg.vecdot(ez, z).double()], -1)
+
+
+def _pure_moments(logits: torch.Tensor, with_distribution: bool):
+    """The same as ``_inplace_moments`` without writing to the tile: the form ``torch.compile``
+    fuses into one or two reads of the tile (the accelerator path, where eager passes over
+    tiles too big for cache would cost more than the head's matmul)."""
+    x = logits.float()
+    top = x.amax(dim=-1).clamp_min(_FLOOR)
+    z = (x - top[:, None]).clamp_min(-1e30)
+    e = z.exp()
+    sums = [e.sum(-1, dtype=torch.float64)]
+    if with_distribution:
+        sums += [(e * z).sum(-1, dtype=torch.float64), (e * z * z).sum(-1, dtype=torch.float64)]
+    return top, torch.stack(sums, -1)
+
+
+def _tile_partial(
+    logits: torch.Tensor,
+    offset: int,
+    targets: torch.Tensor,
+    with_distribution: bool,
+    moments: Moments = _inplace_moments,
+) -> _Partial:
+    """Partial statistics of a tile of logits covering vocabulary ``offset:offset+width``
+    (which ``moments`` may overwrite)."""
+    width = logits.shape[-1]
+    local = targets - offset
+    inside = (local >= 0) & (local < width)
+    target = logits.gather(-1, local.clamp(0, width - 1)[:, None]).squeeze(-1)
+    top, sums = moments(logits, with_distribution)
+    return _Partial(top, target.float().where(inside, 0.0), sums)
 
 
 def _precise_sum(x: torch.Tensor, block: int = 64) -> torch.Tensor:
@@ -151,26 +179,49 @@ def tiled_head_statistics(
     with_distribution: bool,
     position_chunk: int,
     vocab_chunk: int,
+    moments: Moments = _inplace_moments,
 ) -> dict[str, torch.Tensor]:
     """``head_statistics`` of ``head(hidden)`` (or of ``hidden`` as logits when ``head`` is
-    None, which it overwrites), computed tile by tile without holding all the logits."""
+    None, which the default ``moments`` overwrites), tile by tile without holding all the
+    logits."""
     parts = []
     for rows, row_targets in zip(
         hidden.split(position_chunk), targets.split(position_chunk), strict=True
     ):
         partials = (
-            _tile_partial(tile, offset, row_targets, with_distribution)
+            _tile_partial(tile, offset, row_targets, with_distribution, moments)
             for offset, tile in _tiles(rows, head, vocab_chunk)
         )
         parts.append(_finish(functools.reduce(_merge, partials)))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+def _pick_moments(device: torch.device, dtype: torch.dtype, compile_head: bool | None) -> Moments:
+    """The tile statistics: eager and in place, or (by default on accelerators) compiled into
+    fused kernels for tiles of ``dtype``. Falls back to eager, with a warning, when compiling
+    fails."""
+    if not (device.type != "cpu" if compile_head is None else compile_head):
+        return _inplace_moments
+    compiled = torch.compile(_pure_moments, dynamic=True)
+    try:
+        for with_distribution in (False, True):  # compile now, not in the first batch
+            compiled(torch.zeros(2, 64, device=device, dtype=dtype), with_distribution)
+    except Exception as err:  # torch.compile fails in many ways (no compiler, backend bugs)
+        warnings.warn(
+            f"torch.compile of the LM-head statistics failed ({type(err).__name__}: {err}); "
+            "using eager kernels",
+            stacklevel=2,
+        )
+        return _inplace_moments
+    return compiled
+
+
 class TorchBackend:
     """Scores with transformers models; works on CPU and CUDA, without Ray.
 
     ``position_chunk`` x ``vocab_chunk`` is the LM-head tile (logits held at once per pass);
-    ``None`` picks a size for the device.
+    ``None`` picks a size for the device. ``compile_head`` fuses the tile statistics with
+    ``torch.compile`` (``None``: on accelerators only).
     """
 
     name = "torch"
@@ -187,6 +238,7 @@ class TorchBackend:
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
         vocab_chunk: int | None = None,
+        compile_head: bool | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -194,6 +246,7 @@ class TorchBackend:
         default_rows, default_vocab = _TILES.get(self.device.type, _ACCELERATOR_TILES)
         self.position_chunk = position_chunk or default_rows
         self.vocab_chunk = vocab_chunk or default_vocab
+        self._moments = _pick_moments(self.device, self.dtype, compile_head)
         load = dict(
             dtype=self.dtype,
             device=self.device,
@@ -268,11 +321,12 @@ class TorchBackend:
         body, head = _body_and_head(model)
         if body is not None:
             hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][valid]
+            moments = self._moments
         else:
             hidden = model(input_ids=ids, use_cache=False).logits[:, :-1][valid]
-        return tiled_head_statistics(
-            hidden, targets, head, with_distribution, self.position_chunk, self.vocab_chunk
-        )
+            moments = _inplace_moments  # strided logit slices: keep the compiled graph simple
+        chunks = (self.position_chunk, self.vocab_chunk)
+        return tiled_head_statistics(hidden, targets, head, with_distribution, *chunks, moments)
 
 
 def _fuse_activations(model: torch.nn.Module) -> torch.nn.Module:
