@@ -1,9 +1,14 @@
 """Benchmark models and data, built offline: random-init checkpoints of real architectures,
 a BPE tokenizer trained on Python stdlib docstrings, and those docstrings as the texts.
 
-Each model gets a base (the reference), a full fine-tune target (the base with every weight
-perturbed by 2%) and a LoRA adapter target (r=16, random A and B, on the attention and
-projection layers) whose config points at the base.
+Each model gets a base (the reference: random init, then a few training steps on docstrings
+the benchmark never scores), a full fine-tune target (the base trained further on the first
+``MEMBERS`` benchmark texts) and a LoRA adapter target (r=16, random A and B, on the attention
+and projection layers) whose config points at the base. Training matters for the score
+comparison, not for speed: against a random-init reference the log-prob shifts are tiny
+(~0.03 nats) next to the log-probs themselves (~-11), so any fp32 path's EZ scores carry a
+relative error of ~1e-5 that no implementation can remove; trained checkpoints have shifts of
+the size real fine-tunes show, and EZ scores that separate members from non-members.
 """
 
 from __future__ import annotations
@@ -21,6 +26,20 @@ from ezmia.text import load_tokenizer
 
 LORA_RANK = 16
 TOKENIZER_VOCAB = 50257
+MEMBERS = 32
+PRETRAIN_TEXTS = 200
+RECIPE = 2  # bump when the checkpoints change, so cached fixtures are rebuilt
+
+
+@dataclass(frozen=True)
+class Training:
+    """Steps of AdamW on 128-token batches: the base's pretraining, the target's fine-tune."""
+
+    pretrain_steps: int = 6
+    finetune_steps: int = 2
+    learning_rate: float = 1e-3
+    batch_size: int = 8
+    max_length: int = 128
 
 
 @dataclass(frozen=True)
@@ -31,7 +50,12 @@ class ModelSpec:
     family: str
     config: dict
     lora_modules: tuple[str, ...]
+    training: Training = Training()
 
+
+# Small models learn less per step: more steps (cheap at their size) give them shifts like
+# GPT-2 small's.
+SMALL_MODEL_TRAINING = Training(pretrain_steps=60, finetune_steps=4, learning_rate=3e-3)
 
 SPECS = {
     "gpt2-small": ModelSpec("gpt2-small", "gpt2", {}, ("c_attn", "c_proj")),
@@ -46,12 +70,14 @@ SPECS = {
             "n_head": DEMO_SIZES.n_head,
         },
         ("c_attn", "c_proj"),
+        SMALL_MODEL_TRAINING,
     ),
     "tiny": ModelSpec(
         "tiny",
         "gpt2",
         {"vocab_size": 1024, "n_positions": 128, "n_embd": 64, "n_layer": 2, "n_head": 2},
         ("c_attn", "c_proj"),
+        SMALL_MODEL_TRAINING,
     ),
     "llama-1b": ModelSpec(
         "llama-1b",
@@ -89,10 +115,16 @@ class Fixture:
         return {"full": self.full, "lora": self.lora}[kind]
 
 
-def texts(n: int, seed: int = 0) -> list[str]:
-    """``n`` stdlib docstrings in a seeded order (repeated when ``n`` exceeds the corpus)."""
+def shuffled_docstrings(seed: int = 0) -> list[str]:
+    """Every stdlib docstring of the corpus, in a seeded order."""
     docs = list(collect_docstrings())
     random.Random(seed).shuffle(docs)
+    return docs
+
+
+def texts(n: int, seed: int = 0) -> list[str]:
+    """The first ``n`` of ``shuffled_docstrings`` (repeated when ``n`` exceeds the corpus)."""
+    docs = shuffled_docstrings(seed)
     return [docs[i % len(docs)] for i in range(n)]
 
 
@@ -122,14 +154,32 @@ def _save(model, out: Path, tokenizer: Path) -> None:
             (out / name).write_bytes((tokenizer / name).read_bytes())
 
 
-@torch.no_grad()
-def _perturb(model, scale: float = 0.02) -> None:
-    for param in model.parameters():
-        param.mul_(1 + scale * torch.randn_like(param))
+def _train(model, tokenizer, texts: list[str], steps: int, training: Training) -> None:
+    """``steps`` AdamW steps on the parameters that require grad, over ``texts`` in order
+    (wrapping around); leaves ``model`` frozen in eval mode."""
+    device = next(model.parameters()).device
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate)
+    model.train()
+    for step in range(steps):
+        start = step * training.batch_size
+        batch = [texts[(start + i) % len(texts)] for i in range(training.batch_size)]
+        enc = tokenizer(
+            batch, truncation=True, max_length=training.max_length, padding=True,
+            return_tensors="pt", add_special_tokens=False,
+        ).to(device)  # fmt: skip
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        model(**enc, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.requires_grad_(False).eval()
 
 
 def build(
-    name: str, workdir: Path, device: str = "cpu", dtype: torch.dtype = torch.float32
+    name: str,
+    workdir: Path,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
 ) -> Fixture:
     """Base, full fine-tune and LoRA adapter of ``SPECS[name]`` under ``workdir/name``."""
     from peft import LoraConfig, get_peft_model
@@ -137,12 +187,16 @@ def build(
     from benchmarks.measure import flop_params
 
     spec, root = SPECS[name], workdir / name
+    training = spec.training
     meta = root / "fixture.json"
-    if meta.exists():
+    if meta.exists() and json.loads(meta.read_text()).get("recipe") == RECIPE:
         return Fixture.at(root, json.loads(meta.read_text())["flop_params"])
     tokenizer = tokenizer_dir(workdir, min(TOKENIZER_VOCAB, spec.config.get("vocab_size", 50257)))
     torch.manual_seed(0)
     model = _new_model(spec, tokenizer, torch.device(device), dtype)
+    docs = shuffled_docstrings()
+    text_tokenizer = load_tokenizer(tokenizer)
+    _train(model, text_tokenizer, docs[-PRETRAIN_TEXTS:], training.pretrain_steps, training)
     _save(model, root / "base", tokenizer)
     lora = LoraConfig(
         r=LORA_RANK,
@@ -150,12 +204,13 @@ def build(
         target_modules=list(spec.lora_modules),
         init_lora_weights=False,
     )
-    adapted = get_peft_model(model, lora)
+    adapted = get_peft_model(model, lora)  # freezes all but the adapter
+    _train(adapted, text_tokenizer, docs[:MEMBERS], training.finetune_steps, training)
     _save(adapted, root / "lora", tokenizer)
     set_adapter_base(root / "lora", root / "base")
-    model = adapted.unload()
-    _perturb(model)
+    model = adapted.unload().requires_grad_(True)
+    _train(model, text_tokenizer, docs[:MEMBERS], training.finetune_steps, training)
     _save(model, root / "full", tokenizer)
     fixture = Fixture.at(root, flop_params(model))
-    meta.write_text(json.dumps({"flop_params": fixture.flop_params}))
+    meta.write_text(json.dumps({"flop_params": fixture.flop_params, "recipe": RECIPE}))
     return fixture

@@ -1,7 +1,8 @@
 """What the benchmark measures with: the machine's matmul peak, peak memory, model FLOPs.
 
 MFU (model FLOPs utilization) = model FLOPs / seconds / the fp32 (CPU) or bf16 (GPU) matmul
-peak measured in the same run (best of repeated square matmuls). On CPU the run also reports
+peak (best of repeated square matmuls) measured in the same process right before and after
+the timed run. On CPU the run also reports
 a CPU-time MFU: model FLOPs / process CPU seconds / one core's peak (a single-threaded matmul
 timed by thread CPU time), which holds up when other processes share the cores.
 
@@ -50,6 +51,13 @@ def matmul_peak(
         elapsed = clock() - started
         best, spent = max(best, 2 * n**3 / elapsed), spent + elapsed
     return best
+
+
+def mfu_peak(device: torch.device) -> float:
+    """FLOP/s of the matmul MFU is measured against: fp32 on CPU, bf16 on GPU."""
+    if device.type == "cuda":
+        return matmul_peak(torch.bfloat16, device, 8192)
+    return matmul_peak(torch.float32, device, 2048)
 
 
 def core_peak(n: int = 2048) -> float:

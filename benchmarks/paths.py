@@ -6,9 +6,9 @@
 (``TorchBackend.token_stats``), every score (``score_sequence``). ``baseline``: the reference
 code's path (``benchmarks/baseline.py``). ``oracle``: the baseline's code in float64 on the
 first ``oracle_sequences`` texts, the yardstick for both paths' rounding. Model loading and a
-one-text warm-up (which also pages the weights in) are not timed; scoring is timed
-``repeats`` times and the fastest run kept; memory is the peak during scoring
-(``measure.PeakMemory``).
+one-text warm-up (which also pages the weights in) are not timed; scoring is timed once
+(``benchmarks.harness`` alternates the paths and keeps each one's fastest run); memory is the
+peak during scoring (``measure.PeakMemory``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import baseline
-from benchmarks.measure import PeakMemory, Timer
+from benchmarks.measure import PeakMemory, Timer, mfu_peak
 from ezmia.backends.torch import TorchBackend
 from ezmia.models import plan_models
 from ezmia.scores import score_sequence
@@ -80,18 +80,17 @@ PATHS = {
 }
 
 
-def timed(score: Scorer, texts: list[str], device: torch.device, repeats: int) -> dict:
-    """The fastest of ``repeats`` runs of ``score(texts)`` (a burst of load from another
-    process spoils one run, rarely all), with the peak memory over all of them."""
+def timed(score: Scorer, texts: list[str], device: torch.device) -> dict:
+    """One timed run of ``score(texts)`` with its peak memory, and the MFU matmul peak
+    measured right before and right after it (the higher): a slow spell of a shared machine
+    then lowers the run and its peak together."""
+    before = mfu_peak(device)
     memory = PeakMemory(device)
     memory.start()
-    runs = []
-    for _ in range(repeats):
-        with Timer(device) as timer:
-            result = score(texts)
-        runs.append(timer.figures)
-    best = min(runs, key=lambda r: r["seconds"])
-    return {**best, "all_seconds": [r["seconds"] for r in runs], **memory.stop(), **result}
+    with Timer(device) as timer:
+        result = score(texts)
+    figures = {**timer.figures, **memory.stop()}
+    return {**figures, "adjacent_peak": max(before, mfu_peak(device)), **result}
 
 
 def run(spec: dict, texts: list[str]) -> dict:
@@ -101,8 +100,8 @@ def run(spec: dict, texts: list[str]) -> dict:
     score(texts[:1])
     load_s = time.perf_counter() - started
     if spec["path"] == "oracle":
-        return {"load_s": load_s, **timed(score, texts[: spec["oracle_sequences"]], device, 1)}
-    return {"load_s": load_s, **timed(score, texts, device, spec["repeats"])}
+        texts = texts[: spec["oracle_sequences"]]
+    return {"load_s": load_s, **timed(score, texts, device)}
 
 
 def main(spec_file: str, out_file: str) -> None:

@@ -18,7 +18,9 @@ MFU_PEAK = {"cpu": "float32", "cuda": "bfloat16"}
 
 
 def case_figures(run: dict, peaks: dict, flop_params: int, tokens: int) -> dict:
-    """Throughput, MFU and memory of one path's run (``tokens``: real tokens scored)."""
+    """Throughput, MFU and memory of one path's run (``tokens``: real tokens scored). MFU is
+    against the matmul peak measured beside the run; ``mfu_run_peak`` against the run-wide
+    ``peaks``."""
     flops = 2 * 2 * flop_params * tokens
     core = peaks.get("float32_core")
     return {
@@ -30,7 +32,8 @@ def case_figures(run: dict, peaks: dict, flop_params: int, tokens: int) -> dict:
         "seconds": run["seconds"],
         "seq_per_s": len(run["ez_score"]) / run["seconds"],
         "tok_per_s": tokens / run["seconds"],
-        "mfu": flops / run["seconds"] / peaks[MFU_PEAK[run["device"].split(":")[0]]],
+        "mfu": flops / run["seconds"] / run["adjacent_peak"],
+        "mfu_run_peak": flops / run["seconds"] / peaks[MFU_PEAK[run["device"].split(":")[0]]],
         "mfu_cpu": flops / run["cpu_s"] / core if core else float("nan"),
         "delta_mb": run["delta_mb"],
         "peak_mb": run["peak_mb"],
@@ -59,10 +62,10 @@ def comparison(runs: dict, fast_case: dict, base_case: dict) -> dict:
         "max_abs_score_diff": _max_diff(fast["ez_score"], base["ez_score"]),
         "max_rel_score_diff": _max_diff(fast["ez_score"], base["ez_score"], relative=True),
         "oracle_sequences": len(oracle),
-        "ezmia_vs_fp64": _max_diff(fast["ez_score"], oracle),
-        "baseline_vs_fp64": _max_diff(base["ez_score"], oracle),
-        "fp64_error_ratio": _max_diff(fast["ez_score"], oracle)
-        / max(_max_diff(base["ez_score"], oracle), 1e-300),
+        "ezmia_vs_fp64": _max_diff(fast["ez_score"], oracle, relative=True),
+        "baseline_vs_fp64": _max_diff(base["ez_score"], oracle, relative=True),
+        "fp64_error_ratio": _max_diff(fast["ez_score"], oracle, relative=True)
+        / max(_max_diff(base["ez_score"], oracle, relative=True), 1e-300),
         "not_ok": sum(status != "ok" for status in fast["ez_status"]),
         "mfu": fast_case["mfu"],
     }
@@ -143,6 +146,17 @@ def _goals_lines(goals: list[dict]) -> str:
     )
 
 
+def disturbed_peak_warning(cases: list[dict]) -> str:
+    """A warning when some MFU exceeds 100%: the peak was then measured on busy cores."""
+    if all(case["mfu"] <= 1.0 for case in cases):
+        return ""
+    return (
+        "\n**Warning**: an MFU above 100% means both matmul-peak measurements ran while other"
+        " processes held the cores; the MFU figures of this run are not valid. Rerun on an idle"
+        " machine.\n"
+    )
+
+
 def markdown(results: dict) -> str:
     """``RESULTS.md``: date, hardware, peaks, per-path table, ratios last, goals."""
     hw = results["hardware"]
@@ -155,18 +169,22 @@ def markdown(results: dict) -> str:
 Date: {results["date"]}. Hardware: {hw["cpu"]} ({hw["cpu_count"]} CPUs, {hw["threads"]} torch
 threads){gpu}; torch {hw["torch"]}, Python {hw["python"]}; load average (1, 5, 15 min) at
 start {load}, at end {end or "-"}; dtype {results["dtype"]}. Sequences: {seqs};
-each path timed {results["repeats"]} times, fastest kept.
+the paths alternate, each timed {results["repeats"]} times, fastest kept.
 
-Matmul peaks measured in this run: {_peaks_line(results["peaks"])}. MFU is against the
-{results["mfu_peak"]} peak; MFU (CPU time) against one core's peak per CPU-second. Model
+Matmul peaks measured in this run (best of before and after all paths):
+{_peaks_line(results["peaks"])}. MFU is against the {results["mfu_peak"]} peak measured in
+the same process right before and after each timed run, so a slow spell of a shared machine
+lowers both (`mfu_run_peak` in `results.json` is against the run-wide peak); MFU (CPU time)
+against one core's peak per CPU-second. Model
 FLOPs = 2 passes x 2 x N x real tokens (N = body parameters without embeddings + LM head).
 Texts: Python stdlib docstrings, truncated to {results["max_length"]} tokens. Scoring memory
 is the peak above the memory held once models are loaded; peak memory includes the models.
 
 {table(results["cases"], CASE_COLUMNS)}
-
+{disturbed_peak_warning(results["cases"])}
 ezmia / baseline (throughput: higher is better; memory: lower is better; score differences
-against the baseline and, on the first texts, against the same scores computed in float64):
+against the baseline and, on the first texts, against the same scores computed in float64;
+all but `max |d score|` relative to max(1, |score|)):
 
 {table(results["comparisons"], RATIO_COLUMNS)}
 

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from sklearn.metrics import auc as sk_auc
-from sklearn.metrics import roc_curve
 
+from ezmia.metrics import point_metrics, roc
 from ezmia.scores import (
     EZ_EMPTY,
     EZ_NO_NEGATIVE_SHIFT,
@@ -482,9 +481,11 @@ def _roc_curves(
         y = labels[mask]
         if y.all() or not y.any():
             continue
-        fpr, tpr, _ = roc_curve(y, score[mask])
+        fpr, tpr = roc(y, score[mask])
         auc = (metrics.get(column) or {}).get("auc")
-        curves.append((column, fpr, tpr, float(auc) if _is_num(auc) else sk_auc(fpr, tpr)))
+        if not _is_num(auc):
+            auc = point_metrics(y, score[mask])["auc"]
+        curves.append((column, fpr, tpr, float(auc)))
     return curves
 
 
