@@ -140,7 +140,7 @@ def _peaks_line(peaks: dict) -> str:
 
 def _goals_lines(goals: list[dict]) -> str:
     return "\n".join(
-        f"- {'met' if g['met'] else 'NOT met'}: {g['case']} {g['goal']} = {g['value']:.3g} "
+        f"- {'met' if g['met'] else 'NOT met'}: {g['case']} {g['goal']} = {g['value']:.5g} "
         f"(goal {'<=' if g['goal'] in UPPER_BOUNDS else '>='} {g['bound']})"
         for g in goals
     )
