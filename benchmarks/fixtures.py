@@ -3,8 +3,9 @@ a BPE tokenizer trained on Python stdlib docstrings, and those docstrings as the
 
 Each model gets a base (the reference: random init, then a few training steps on docstrings
 the benchmark never scores), a full fine-tune target (the base trained further on the first
-``MEMBERS`` benchmark texts) and a LoRA adapter target (r=16, random A and B, on the attention
-and projection layers) whose config points at the base. Training matters for the score
+``MEMBERS`` benchmark texts) and a LoRA adapter target (r=16 on the attention and projection
+layers, A and B initialised randomly, then trained on the same texts with the base frozen)
+whose config points at the base. Training matters for the score
 comparison, not for speed: against a random-init reference the log-prob shifts are tiny
 (~0.03 nats) next to the log-probs themselves (~-11), so any fp32 path's EZ scores carry a
 relative error of ~1e-5 that no implementation can remove; trained checkpoints have shifts of

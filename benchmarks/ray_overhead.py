@@ -8,8 +8,8 @@ not the model) scores the same Parquet file through ``ezmia.audit.audit`` with
 to change). Both engines get the same scoring threads: Ray gives each actor as many torch
 threads as it has CPUs (``OMP_NUM_THREADS``), so the local engine runs with ``actors x
 cpus-per-actor`` threads; the ratio is then the cost of the Ray machinery (Ray Data's read and
-tokenize tasks, object transfers, part writes), not of fewer cores. A single actor cannot take
-both cores of a 2-CPU machine: Ray Data's read and tokenize tasks need a CPU of their own.
+tokenize stages, object transfers, part writes), not of fewer cores. A single actor cannot take
+both cores of a 2-CPU machine: Ray Data's read tasks need a CPU of their own.
 Ray's cluster start is timed apart: a long-lived cluster pays it once. The engines
 alternate ``--repeats`` times and each keeps its fastest run, so a burst of load from other
 processes does not decide the ratio. Results go to ``ray_overhead.json`` under ``--out``
