@@ -22,23 +22,31 @@ from pathlib import Path
 import torch
 
 from ezmia.demo.corpus import collect_docstrings
-from ezmia.demo.train import DEMO_SIZES, set_adapter_base, train_tokenizer
+from ezmia.demo.train import (
+    DEMO_SIZES,
+    encode,
+    save_checkpoint,
+    set_adapter_base,
+    train_loop,
+    train_tokenizer,
+)
 from ezmia.text import load_tokenizer
 
 LORA_RANK = 16
 TOKENIZER_VOCAB = 50257
 MEMBERS = 32
 PRETRAIN_TEXTS = 200
-RECIPE = 2  # bump when the checkpoints change, so cached fixtures are rebuilt
+RECIPE = 3  # bump when the checkpoints change, so cached fixtures are rebuilt
 
 
 @dataclass(frozen=True)
 class Training:
-    """Steps of AdamW on 128-token batches: the base's pretraining, the target's fine-tune."""
+    """Steps of the demo's training loop (AdamW, linear decay) on 128-token batches: the base's
+    pretraining, the target's fine-tune."""
 
     pretrain_steps: int = 6
     finetune_steps: int = 2
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     batch_size: int = 8
     max_length: int = 128
 
@@ -56,7 +64,7 @@ class ModelSpec:
 
 # Small models learn less per step: more steps (cheap at their size) give them shifts like
 # GPT-2 small's.
-SMALL_MODEL_TRAINING = Training(pretrain_steps=60, finetune_steps=4, learning_rate=3e-3)
+SMALL_MODEL_TRAINING = Training(pretrain_steps=60, finetune_steps=4, learning_rate=6e-3)
 
 SPECS = {
     "gpt2-small": ModelSpec("gpt2-small", "gpt2", {}, ("c_attn", "c_proj")),
@@ -148,32 +156,15 @@ def _new_model(spec: ModelSpec, tokenizer: Path, device: torch.device, dtype: to
         return model_cls(config).to(dtype).eval()
 
 
-def _save(model, out: Path, tokenizer: Path) -> None:
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer / name).exists():
-            (out / name).write_bytes((tokenizer / name).read_bytes())
-
-
 def _train(model, tokenizer, texts: list[str], steps: int, training: Training) -> None:
-    """``steps`` AdamW steps on the parameters that require grad, over ``texts`` in order
-    (wrapping around); leaves ``model`` frozen in eval mode."""
-    device = next(model.parameters()).device
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=training.learning_rate)
-    model.train()
-    for step in range(steps):
-        start = step * training.batch_size
-        batch = [texts[(start + i) % len(texts)] for i in range(training.batch_size)]
-        enc = tokenizer(
-            batch, truncation=True, max_length=training.max_length, padding=True,
-            return_tensors="pt", add_special_tokens=False,
-        ).to(device)  # fmt: skip
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        model(**enc, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    model.requires_grad_(False).eval()
+    """``steps`` batches of ``texts`` through the demo's training loop (one epoch), on the
+    parameters that require grad; leaves ``model`` frozen in eval mode."""
+    cycled = [texts[i % len(texts)] for i in range(steps * training.batch_size)]
+    seqs = [ids[: training.max_length] for ids in encode(tokenizer, cycled)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_loop(model, seqs, epochs=1, lr=training.learning_rate,
+               batch_size=training.batch_size, pad_id=pad_id, seed=0)  # fmt: skip
+    model.requires_grad_(False)
 
 
 def build(
@@ -198,7 +189,7 @@ def build(
     docs = shuffled_docstrings()
     text_tokenizer = load_tokenizer(tokenizer)
     _train(model, text_tokenizer, docs[-PRETRAIN_TEXTS:], training.pretrain_steps, training)
-    _save(model, root / "base", tokenizer)
+    save_checkpoint(model, tokenizer, root / "base")
     lora = LoraConfig(
         r=LORA_RANK,
         lora_alpha=2 * LORA_RANK,
@@ -207,11 +198,11 @@ def build(
     )
     adapted = get_peft_model(model, lora)  # freezes all but the adapter
     _train(adapted, text_tokenizer, docs[:MEMBERS], training.finetune_steps, training)
-    _save(adapted, root / "lora", tokenizer)
+    save_checkpoint(adapted, tokenizer, root / "lora")
     set_adapter_base(root / "lora", root / "base")
     model = adapted.unload().requires_grad_(True)
     _train(model, text_tokenizer, docs[:MEMBERS], training.finetune_steps, training)
-    _save(model, root / "full", tokenizer)
+    save_checkpoint(model, tokenizer, root / "full")
     fixture = Fixture.at(root, flop_params(model))
     meta.write_text(json.dumps({"flop_params": fixture.flop_params, "recipe": RECIPE}))
     return fixture

@@ -18,19 +18,12 @@ from ezmia.backends.torch import (
     tiled_head_statistics,
 )
 from ezmia.demo.corpus import collect_docstrings
-from ezmia.demo.train import set_adapter_base, train_tokenizer
+from ezmia.demo.train import save_checkpoint, set_adapter_base, train_tokenizer
 from ezmia.models import plan_models
 from ezmia.scores import score_sequence
 from ezmia.text import load_tokenizer, tokenize
 
 MAX_LENGTH = 48
-
-
-def _save(model, out, tokenizer_dir) -> None:
-    model.save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (tokenizer_dir / name).exists():
-            (out / name).write_bytes((tokenizer_dir / name).read_bytes())
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +34,16 @@ def checkpoints(tmp_path_factory):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=512, n_positions=64, n_embd=32, n_layer=2, n_head=2)
     base = GPT2LMHeadModel(config).eval()
-    _save(base, root / "base", tok)
+    save_checkpoint(base, tok, root / "base")
     lora = LoraConfig(r=4, target_modules=["c_attn", "c_proj"], init_lora_weights=False)
     adapted = get_peft_model(base, lora)
-    _save(adapted, root / "lora", tok)
+    save_checkpoint(adapted, tok, root / "lora")
     set_adapter_base(root / "lora", root / "base")
     base = adapted.unload()
     with torch.no_grad():
         for param in base.parameters():
             param.mul_(1 + 0.05 * torch.randn_like(param))
-    _save(base, root / "full", tok)
+    save_checkpoint(base, tok, root / "full")
     return root
 
 

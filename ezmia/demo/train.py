@@ -90,7 +90,7 @@ def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
-def _encode(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
+def encode(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
     return tok(list(texts), add_special_tokens=False)["input_ids"]
 
 
@@ -104,7 +104,7 @@ def _collate(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tens
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def _train(
+def train_loop(
     model: torch.nn.Module,
     seqs: Sequence[Sequence[int]],
     *,
@@ -145,7 +145,7 @@ def _train(
     return sum(losses) / max(1, len(losses))
 
 
-def _save(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path) -> Path:
+def save_checkpoint(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path) -> Path:
     """``save_pretrained`` (safetensors) plus the tokenizer files, copied verbatim."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
@@ -164,7 +164,7 @@ def train_base(
     """
     tok = _load_tokenizer(tokenizer_dir)
     eos = tok.eos_token_id
-    stream = [t for ids in _encode(tok, texts) for t in [*ids, eos]]
+    stream = [t for ids in encode(tok, texts) for t in [*ids, eos]]
     n = sizes.seq_len
     chunks = [stream[i : i + n] for i in range(0, len(stream) - n + 1, n)]
     torch.manual_seed(seed)
@@ -182,7 +182,7 @@ def train_base(
         pad_token_id=eos,
     )
     model = GPT2LMHeadModel(config)
-    _train(
+    train_loop(
         model,
         chunks,
         epochs=sizes.pretrain_epochs,
@@ -191,7 +191,7 @@ def train_base(
         pad_id=eos,
         seed=seed,
     )
-    return _save(model, tokenizer_dir, out_dir)
+    return save_checkpoint(model, tokenizer_dir, out_dir)
 
 
 def _load_base(base_dir: Path) -> GPT2LMHeadModel:
@@ -208,8 +208,8 @@ def _finetune(
 ) -> None:
     """Train ``model`` on ``texts``, each cut to ``seq_len`` tokens, no special tokens."""
     tok = _load_tokenizer(base_dir)
-    seqs = [ids[: sizes.seq_len] for ids in _encode(tok, texts) if len(ids) >= 2]
-    _train(
+    seqs = [ids[: sizes.seq_len] for ids in encode(tok, texts) if len(ids) >= 2]
+    train_loop(
         model,
         seqs,
         epochs=sizes.finetune_epochs,
@@ -230,7 +230,7 @@ def finetune_full(
     torch.manual_seed(seed)
     model = _load_base(base_dir)
     _finetune(model, base_dir, texts, sizes, sizes.full_lr, seed)
-    return _save(model, base_dir, out_dir)
+    return save_checkpoint(model, base_dir, out_dir)
 
 
 def set_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
@@ -260,7 +260,7 @@ def finetune_lora(
     )
     model = get_peft_model(_load_base(base_dir), lora)
     _finetune(model, base_dir, texts, sizes, sizes.lora_lr, seed)
-    _save(model, base_dir, out_dir)
+    save_checkpoint(model, base_dir, out_dir)
     (Path(out_dir) / "README.md").unlink(missing_ok=True)  # peft's empty model card
     set_adapter_base(out_dir, base_dir)
     return Path(out_dir)
