@@ -21,27 +21,22 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def score(plan, texts: list[str], device: str, dtype: str) -> tuple[np.ndarray, list[str]]:
-    """EZ scores and statuses of ``texts`` with one backend configuration."""
-    from ezmia.backends.torch import TorchBackend
-    from ezmia.scores import score_sequence
-    from ezmia.text import load_tokenizer, tokenize
+def score(models: dict, texts: list[str], device: str, dtype: str) -> tuple[np.ndarray, list[str]]:
+    """EZ scores and statuses of ``texts`` through the benchmark's ezmia path in ``dtype``
+    (``models``: ``target`` and ``base`` directories)."""
+    from benchmarks.paths import ezmia_path
 
-    tokens = tokenize(load_tokenizer(plan.tokenizer), texts, 128)
-    stats = TorchBackend(plan, device=device, dtype=dtype).token_stats(tokens.input_ids)
-    rows = [
-        score_sequence(s, len(ids), size)
-        for s, ids, size in zip(stats, tokens.input_ids, tokens.zlib_size, strict=True)
-    ]
-    return np.array([r["ez_score"] for r in rows]), [str(r["ez_status"]) for r in rows]
+    spec = {**models, "device": device, "dtype": dtype, "batch_size": 16, "max_length": 128}
+    result = ezmia_path(spec)[1](texts)
+    return np.array(result["ez_score"]), result["ez_status"]
 
 
-def drift(plan, texts: list[str], labels: np.ndarray, device: str) -> dict:
+def drift(models: dict, texts: list[str], labels: np.ndarray, device: str) -> dict:
     """fp32 against bf16 on one target."""
     from ezmia.metrics import point_metrics
 
     (fp32, status32), (bf16, status16) = (
-        score(plan, texts, device, dtype) for dtype in ("float32", "bfloat16")
+        score(models, texts, device, dtype) for dtype in ("float32", "bfloat16")
     )
     return {
         "max_abs_score_diff": float(np.abs(fp32 - bf16).max()),
@@ -62,15 +57,14 @@ def main() -> None:
     args = parser.parse_args()
     import pyarrow.parquet as pq
 
-    from ezmia.demo.build import build_demo_artifacts
+    from ezmia.demo.build import TEST_COUNTS, build_demo_artifacts
     from ezmia.demo.train import TEST_SIZES
-    from ezmia.models import plan_models
 
-    demo = build_demo_artifacts(REPO / ".cache" / "test-models", TEST_SIZES, 300, 60, 60)
+    demo = build_demo_artifacts(REPO / ".cache" / "test-models", TEST_SIZES, **TEST_COUNTS)
     table = pq.read_table(demo.eval)
     texts, labels = table.column("text").to_pylist(), np.array(table.column("is_member"))
     results = {
-        kind: drift(plan_models(str(target), str(demo.base)), texts, labels, args.device)
+        kind: drift({"target": str(target), "base": str(demo.base)}, texts, labels, args.device)
         for kind, target in (("full", demo.full), ("lora", demo.lora))
     }
     out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks")

@@ -19,18 +19,10 @@ MODEL_CACHE = REPO / ".cache" / "test-models"
 def models():
     """Tokenizer, base, full fine-tune and LoRA adapter trained on stdlib docstrings, plus
     member / non-member / labelled eval Parquet files (built once, cached across runs)."""
-    from ezmia.demo.build import build_demo_artifacts
+    from ezmia.demo.build import TEST_COUNTS, build_demo_artifacts
     from ezmia.demo.train import TEST_SIZES
 
-    return build_demo_artifacts(
-        MODEL_CACHE,
-        TEST_SIZES,
-        n_pretrain=300,
-        n_members=60,
-        n_nonmembers=60,
-        seed=0,
-        log=lambda *_: None,
-    )
+    return build_demo_artifacts(MODEL_CACHE, TEST_SIZES, **TEST_COUNTS, seed=0, log=lambda *_: None)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ BUILD_VERSION = 1
 COMPLETE_MARKER = "_COMPLETE"
 # Counts that fit every supported Python's stdlib (>= 2000 docstrings of >= 200 characters).
 DEMO_COUNTS = {"n_pretrain": 1200, "n_members": 300, "n_nonmembers": 300}
+TEST_COUNTS = {"n_pretrain": 300, "n_members": 60, "n_nonmembers": 60}  # with TEST_SIZES
 
 
 @dataclass(frozen=True)
