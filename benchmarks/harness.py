@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import fixtures, report
-from benchmarks.measure import hardware, machine_peaks
+from benchmarks.measure import MFU_PEAK, hardware, machine_peaks
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SEQUENCES = {"gpt2-small": 64, "demo": 512, "llama-1b": 4096}
@@ -121,7 +121,7 @@ def summarize(args: argparse.Namespace, runs: list[tuple[dict, int]], peaks: dic
         "sequences": args.sequences,
         "repeats": args.repeats,
         "peaks": peaks,
-        "mfu_peak": report.MFU_PEAK[torch.device(args.device).type],
+        "mfu_peak": MFU_PEAK[torch.device(args.device).type],
         "cases": cases,
         "comparisons": comparisons,
         "goals": report.goal_checks(comparisons, args.device),

@@ -22,6 +22,13 @@ from pathlib import Path
 
 import torch
 
+# The matmul MFU is against, and the square-matmul sizes each peak is measured with.
+MFU_PEAK = {"cpu": "float32", "cuda": "bfloat16"}
+PEAK_SIZES = {
+    "cpu": {"float32": 2048, "bfloat16": 512},
+    "cuda": {"float32": 8192, "bfloat16": 8192},
+}
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -54,10 +61,9 @@ def matmul_peak(
 
 
 def mfu_peak(device: torch.device) -> float:
-    """FLOP/s of the matmul MFU is measured against: fp32 on CPU, bf16 on GPU."""
-    if device.type == "cuda":
-        return matmul_peak(torch.bfloat16, device, 8192)
-    return matmul_peak(torch.float32, device, 2048)
+    """FLOP/s of the matmul MFU is measured against (``MFU_PEAK``: fp32 on CPU, bf16 on GPU)."""
+    name = MFU_PEAK[device.type]
+    return matmul_peak(getattr(torch, name), device, PEAK_SIZES[device.type][name])
 
 
 def core_peak(n: int = 2048) -> float:
@@ -73,12 +79,9 @@ def core_peak(n: int = 2048) -> float:
 def machine_peaks(device: torch.device) -> dict[str, float]:
     """fp32 and bf16 matmul peaks in FLOP/s (and one core's fp32 peak on CPU). On CPU the bf16
     matrix is small: without AVX512-BF16/AMX, PyTorch's bf16 matmul is far slower than fp32."""
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if device.type == "cuda":
-        return {name: matmul_peak(dtype, device, 8192) for name, dtype in dtypes.items()}
-    sizes = {"float32": 2048, "bfloat16": 512}
-    peaks = {name: matmul_peak(dtypes[name], device, n) for name, n in sizes.items()}
-    return {**peaks, "float32_core": core_peak()}
+    sizes = PEAK_SIZES[device.type]
+    peaks = {name: matmul_peak(getattr(torch, name), device, n) for name, n in sizes.items()}
+    return {**peaks, "float32_core": core_peak()} if device.type == "cpu" else peaks
 
 
 def _status_kib(field: str) -> int:

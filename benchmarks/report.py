@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from benchmarks.measure import MFU_PEAK
+
 # Goals of the performance issue, checked on the GPT-2-small cases (CPU) or every case (GPU).
 CPU_GOALS = {
     "mfu": 0.70,
@@ -14,7 +16,6 @@ CPU_GOALS = {
 }
 GPU_GOALS = {"mfu": 0.50, "speedup": 10.0}
 UPPER_BOUNDS = ("memory_ratio", "score_diff", "fp64_error_ratio")
-MFU_PEAK = {"cpu": "float32", "cuda": "bfloat16"}
 
 
 def case_figures(run: dict, peaks: dict, flop_params: int, tokens: int) -> dict:
