@@ -17,11 +17,11 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 import urllib.request
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
@@ -60,8 +60,10 @@ def _index_reachable() -> None:
     probe = urllib.request.Request(wheel["url"], headers={"Range": "bytes=0-99"})
     with urllib.request.urlopen(probe, timeout=30) as response:
         if response.status != 206:
-            pytest.fail(f"{INDEX} serves neither wheel metadata nor byte ranges: pip would "
-                        "download every CUDA wheel whole to resolve the gpu route")
+            pytest.fail(
+                f"{INDEX} serves neither wheel metadata nor byte ranges: pip would "
+                "download every CUDA wheel whole to resolve the gpu route"
+            )
 
 
 @pytest.fixture(scope="module")
