@@ -190,26 +190,71 @@ def weight_shapes(path: Path) -> dict[str, list[int]]:
 
 
 def check_adapter_fits(adapter_dir: Path, reference_dir: Path) -> None:
-    """Refuse a LoRA adapter whose matrices do not fit the reference's weights (e.g. one
-    trained on a base of another width), naming the first module that does not fit."""
+    """Refuse a LoRA adapter that does not match the reference exactly, before loading (peft
+    would only warn and drop what does not fit): every adapter tensor must belong to a module
+    of the reference, its LoRA matrices must fit that module's weight, and any other tensor
+    (``modules_to_save``) must have the reference tensor's shape."""
     adapter = weight_shapes(adapter_dir)
     base = weight_shapes(reference_dir)
-    for key, a_shape in sorted(adapter.items()):
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0].removeprefix("base_model.model.")
-        b_shape = adapter.get(key.replace(".lora_A.", ".lora_B."))
-        candidates = (f"{module}.weight", f"{module.partition('.')[2]}.weight")
-        weight = next((base[c] for c in candidates if c in base), None)
-        if b_shape is None or weight is None or len(weight) != 2:
-            continue  # cannot tell; loading will
-        if sorted((a_shape[-1], b_shape[0])) != sorted(weight):
+    config = json.loads((reference_dir / "config.json").read_text())
+    tied = config.get("tie_word_embeddings", True)  # an output head tied to the embeddings
+    for key, shape in sorted(adapter.items()):
+        name = key.removeprefix("base_model.model.")
+        module, lora, part = name.partition(".lora_")
+        if not lora:
+            problem = _tensor_mismatch(name, shape, base, tied)
+        else:
+            problem = _lora_mismatch(module, part, key, adapter, base)
+        if problem:
             raise ModelError(
-                f"{adapter_dir}: the adapter does not fit reference {reference_dir}: module "
-                f"{module} is {a_shape[-1]}x{b_shape[0]} in the adapter but "
-                f"{weight[0]}x{weight[1]} in the reference; pass the base model it was trained "
-                "on as --reference"
+                f"{adapter_dir}: the adapter does not fit reference {reference_dir}: {problem}; "
+                "pass the base model it was trained on as --reference"
             )
+
+
+def _in_reference(name: str, base: dict[str, list[int]]) -> list[int] | None:
+    """The shape of ``name`` in the reference, with or without its first path segment."""
+    return next((base[c] for c in (name, name.partition(".")[2]) if c in base), None)
+
+
+def _tensor_mismatch(
+    name: str, shape: list[int], base: dict[str, list[int]], tied: bool
+) -> str | None:
+    found = _in_reference(name, base)
+    if found is None and tied and name.endswith("lm_head.weight"):
+        return None  # the reference stores its tied output head as the input embedding
+    if found is None:
+        return f"tensor {name} does not exist in the reference"
+    return None if found == shape else f"tensor {name} is {shape} but {found} in the reference"
+
+
+def _lora_mismatch(
+    module: str, part: str, key: str, adapter: dict[str, list[int]], base: dict[str, list[int]]
+) -> str | None:
+    """Why the LoRA tensor ``key`` (``<module>.lora_<part>``) does not fit, or None."""
+    weight = _in_reference(f"{module}.weight", base)
+    if weight is None or len(weight) < 2:
+        return f"module {module} has no weight matrix in the reference (adapter tensor {key})"
+    pairs = {"A.weight": "B.weight", "embedding_A": "embedding_B"}
+    pair = pairs.get(part) or next((a for a, b in pairs.items() if b == part), None)
+    if pair is None:
+        return None  # magnitude vectors, LoRA biases: their module exists
+    other = key.replace(f".lora_{part}", f".lora_{pair}")
+    if other not in adapter:
+        return f"module {module} has lora_{part} but no lora_{pair}"
+    if part not in pairs:
+        return None  # the pair is checked from its A side
+    a_shape, b_shape = adapter[key], adapter[other]
+    if part == "embedding_A":  # A: rank x vocabulary, B: width x rank
+        fits = [a_shape[-1], b_shape[0]] == weight[:2]
+    else:  # Linear (out x in) or GPT-2's Conv1D (in x out)
+        fits = sorted((a_shape[1], b_shape[0])) == sorted(weight[:2])
+    if fits and a_shape[0] == b_shape[1]:
+        return None
+    return (
+        f"module {module} is {a_shape[1]}x{b_shape[0]} in the adapter but "
+        f"{weight[0]}x{weight[1]} in the reference"
+    )
 
 
 def adapter_base(adapter_dir: Path) -> str:
