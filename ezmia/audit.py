@@ -4,6 +4,7 @@ Ray cluster), then writes summary, report and ``_SUCCESS`` last."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,18 @@ import pyarrow.compute as pc
 from ezmia import outputs, storage
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError
-from ezmia.io import FILE_ROW, Columns, Fragment, normalize, plan_fragments, read_fragment
+from ezmia.io import (
+    FILE_ROW,
+    FRAGMENT,
+    TEXT_DIGEST,
+    Columns,
+    Fragment,
+    member_and_nonmember,
+    plan_fragments,
+    read_keys,
+)
 from ezmia.metrics import detection_threshold
-from ezmia.models import ModelPlan, context_length, plan_models
+from ezmia.models import ModelPlan, context_length, default_cache_dir, plan_models
 from ezmia.report_html import render_report
 from ezmia.summary import build_summary
 
@@ -88,8 +98,9 @@ def plan_audit(config: AuditConfig) -> AuditPlan:
 
 
 def check_rows(plan: AuditPlan) -> None:
-    """Refuse empty datasets, null or duplicate ids and single-class labels (reads ids and
-    labels only, never texts)."""
+    """Refuse empty datasets, null or duplicate ids, single-class labels and rows that are
+    both a member and a non-member (the same id or the same text). Reads one fragment at a
+    time and keeps ids, labels and text digests only, never texts."""
     sources = ", ".join(plan.config.data or [*plan.config.members, *plan.config.nonmembers])
     if not sum(f.num_rows for f in plan.fragments):
         raise InputError(f"{sources}: the dataset has no rows; point --data at a non-empty one")
@@ -98,20 +109,17 @@ def check_rows(plan: AuditPlan) -> None:
             f"{', '.join(plan.config.calibration)}: the calibration set has no rows; "
             "--calibration needs known non-members"
         )
-    if not (plan.columns.id or plan.config.is_labelled):
+    labelled = plan.config.is_labelled
+    if not (plan.columns.id or labelled):
         return
-    keys = pa.concat_tables(
-        [
-            normalize(
-                read_fragment(f, plan.columns, with_text=False), plan.columns, f.uri
-            ).append_column("__uri", pa.array([f.uri] * f.num_rows, pa.string()))
-            for f in plan.fragments
-        ],
-        promote_options="permissive",
-    )
+    keys = read_keys(plan.fragments, plan.columns, digests=labelled)
 
     def where(index: int) -> str:
-        return f"{keys.column('__uri')[index].as_py()} row {keys.column(FILE_ROW)[index].as_py()}"
+        fragment = plan.fragments[keys.column(FRAGMENT)[index].as_py()]
+        return f"{fragment.uri} row {keys.column(FILE_ROW)[index].as_py()}"
+
+    def both(rows: tuple[int, int]) -> str:
+        return f"{where(rows[0])} (member) and {where(rows[1])} (non-member)"
 
     if plan.columns.id:
         ids = keys.column("id")
@@ -123,6 +131,13 @@ def check_rows(plan: AuditPlan) -> None:
             )
         counts = pc.value_counts(ids)
         repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+        shared = member_and_nonmember(keys, "id") if labelled and len(repeated) else None
+        if shared:
+            raise InputError(
+                f"{both(shared)} have the same id {ids[shared[0]].as_py()!r} (column "
+                f"{plan.columns.id!r}); a row is either a member or a non-member: remove it "
+                "from one side, or fix its label"
+            )
         if len(repeated):
             first = repeated[0].as_py()
             rows = pc.indices_nonzero(pc.equal(ids, first["values"])).to_pylist()[:2]
@@ -131,13 +146,19 @@ def check_rows(plan: AuditPlan) -> None:
                 f"{first['values']!r} appears {first['counts']} times, again at "
                 f"{where(rows[1])}); ids must be unique"
             )
-    if plan.config.is_labelled:
+    if labelled:
         members = int(pc.sum(keys.column("is_member")).as_py() or 0)
         if members in (0, keys.num_rows):
             kind = "non-members" if members == 0 else "members"
             raise InputError(
                 f"{sources}: every row is one class (only {kind}); a leakage audit needs both "
                 "members and non-members"
+            )
+        shared = member_and_nonmember(keys, TEXT_DIGEST)
+        if shared:
+            raise InputError(
+                f"{both(shared)} hold the same text; a text is either a member or a "
+                "non-member: remove it from one side, or fix its label"
             )
 
 
@@ -170,10 +191,10 @@ class Engine(Protocol):
     backend_choice: dict
 
     def score(
-        self, fragments: list[Fragment], out: str | None, threshold: float | None
+        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
     ) -> pa.Table:
-        """Score the fragments; with ``out``, write ``scores/`` parts there. Returns the score
-        columns (no texts), in source order."""
+        """Score the fragments; with ``output``, write ``scores/`` parts there. Returns the
+        score columns (no texts), in source order."""
         ...
 
     def close(self) -> None: ...
@@ -196,9 +217,11 @@ def open_engine(plan: AuditPlan) -> Engine:
     return LocalEngine(plan)
 
 
-def finish(plan: AuditPlan, scores: pa.Table, detection: dict | None, meta: dict) -> dict:
+def finish(
+    plan: AuditPlan, output: outputs.Output, scores: pa.Table, detection: dict | None, meta: dict
+) -> dict:
     """Summary, report and ``_SUCCESS`` (last), from the score columns only."""
-    config, out = plan.config, plan.config.out
+    config = plan.config
     started = time.perf_counter()
     data = build_summary(
         scores,
@@ -209,24 +232,50 @@ def finish(plan: AuditPlan, scores: pa.Table, detection: dict | None, meta: dict
     )
     plan.timings["summary_s"] = time.perf_counter() - started
     summary = {**meta, **data, "timings": plan.timings}
-    outputs.write_json(storage.join(out, outputs.SUMMARY), summary, plan.encryption)
-    html = render_report(summary, scores)
-    storage.write_bytes(storage.join(out, outputs.REPORT), html.encode(), plan.encryption)
-    outputs.mark_success(out, plan.encryption)
+    output.write(outputs.SUMMARY, json.dumps(summary, indent=2, default=str).encode())
+    output.write(outputs.REPORT, render_report(summary, scores).encode())
+    output.write(outputs.SUCCESS, b"")
     return summary
+
+
+def input_locations(config: AuditConfig, models: ModelPlan | None = None) -> dict[str, list[str]]:
+    """Every location an audit reads (by the flag that names it): ``--out`` may overlap none.
+    Hub model ids are not locations; ``models`` adds the resolved model folders."""
+
+    def located(uri: str | None) -> list[str]:
+        if uri is None:
+            return []
+        local = Path(uri).expanduser().exists() or uri.startswith((".", "/", "~"))
+        return [uri] if storage.is_s3(uri) or local else []
+
+    found = {
+        "--data": config.data,
+        "--members": config.members,
+        "--nonmembers": config.nonmembers,
+        "--calibration": config.calibration,
+        "--target": located(config.target),
+        "--reference": located(config.reference),
+        "--cache-dir (the model cache)": [config.cache_dir or str(default_cache_dir())],
+    }
+    if models is not None:
+        found["the models' files"] = [str(models.target), str(models.reference)]
+    return found
 
 
 def audit(config: AuditConfig) -> AuditResult:
     """Run one audit end to end and return where it went and its summary."""
+    outputs.check_location(config.out, input_locations(config))  # before anything is read
     plan = plan_audit(config)
-    outputs.prepare(config.out, config.overwrite)
-    with outputs.discard_on_error(config.out):
+    outputs.check_location(config.out, input_locations(config, plan.models))
+    with outputs.open_output(
+        config.out, overwrite=config.overwrite, encryption=plan.encryption, holder="ezmia audit"
+    ) as output:
         engine = open_engine(plan)
         try:
             detection = None
             started = time.perf_counter()
             if plan.calibration:
-                calibration = engine.score(plan.calibration, out=None, threshold=None)
+                calibration = engine.score(plan.calibration, output=None, threshold=None)
                 threshold = detection_threshold(
                     calibration.column("ez_score").to_numpy(zero_copy_only=False), config.fpr
                 )
@@ -236,13 +285,13 @@ def audit(config: AuditConfig) -> AuditResult:
                     "n_calibration": calibration.num_rows,
                 }
             scores = engine.score(
-                plan.fragments, out=config.out, threshold=detection and detection["threshold"]
+                plan.fragments, output=output, threshold=detection and detection["threshold"]
             )
             plan.timings["score_s"] = time.perf_counter() - started
             meta = run_metadata(plan, engine.backend_choice)
         finally:
             engine.close()
-        return AuditResult(config.out, finish(plan, scores, detection, meta))
+        return AuditResult(config.out, finish(plan, output, scores, detection, meta))
 
 
 def use_ray(config: AuditConfig) -> bool:

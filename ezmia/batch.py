@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from typing import Any
 
@@ -20,10 +21,10 @@ class BatchConfig(Strict):
     """``out``: the audit root; ``defaults``: options every audit gets; ``audits``: one entry
     per checkpoint (any ``AuditConfig`` option; ``name`` names its report folder)."""
 
-    out: str
+    out: str = Field(min_length=1, pattern=r"\S")
     defaults: dict[str, Any] = {}
     audits: list[dict[str, Any]] = Field(min_length=1)
-    date: str | None = None
+    date: dt.date | None = None
 
 
 def merge(defaults: dict, entry: dict) -> dict:
@@ -40,14 +41,20 @@ def merge(defaults: dict, entry: dict) -> dict:
 def plan_batch(path: str) -> tuple[BatchConfig, list[AuditConfig]]:
     """Validate the whole file (every audit) before the first audit starts."""
     batch = parse_model(BatchConfig, load_yaml(path), path)
-    configs, names = [], set()
+    configs: list[AuditConfig] = []
+    names: dict[str, str] = {}
     for number, entry in enumerate(batch.audits, start=1):
         values = merge(batch.defaults, entry)
         name = values.get("name") or str(values.get("target", "")).rstrip("/").rsplit("/", 1)[-1]
-        if not name or name in names:
-            raise InputError(f"{path}: audit #{number} needs a unique name (got {name!r})")
-        names.add(name)
-        values.update(name=name, out=index.report_location(batch.out, name, batch.date))
+        folder = index.safe_name(name)
+        if not name or folder in names:
+            raise InputError(
+                f"{path}: audit #{number} needs a unique name (got {name!r}, whose report "
+                f"folder checkpoint={folder} another audit already uses); set `name:`"
+            )
+        names[folder] = name
+        date = batch.date.isoformat() if batch.date else None
+        values.update(name=name, out=index.report_location(batch.out, name, date))
         configs.append(parse_model(AuditConfig, values, f"{path}: audit #{number} ({name})"))
     return batch, configs
 
@@ -64,8 +71,7 @@ def run_batch(path: str) -> int:
             failures.append(config.display_name)
             print(f"FAILED {config.display_name}: {err}")
             continue
-        dataset = ",".join(config.data or [*config.members, *config.nonmembers])
-        rows.append(index.index_row(result, dataset))
+        rows.append(index.index_row(result, index.dataset_label(config)))
         print(f"{result.summary['verdict']['level']:>8} {config.display_name}: {config.out}")
     written = index.write_index(batch.out, rows)
     print(f"{len(rows)} audits indexed in {written}; {len(failures)} failed")

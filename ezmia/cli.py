@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 import typing
 
 from ezmia.config import AuditConfig, RayOptions, load_yaml, parse_model
@@ -162,8 +164,14 @@ def _one_line(message: str) -> str:
     return " ".join(message.split())
 
 
+def _interrupt(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a stopped job cleans up as on Ctrl-C
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -183,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(
-            "ezmia: interrupted; the output has no _SUCCESS and will be replaced on rerun",
+            "ezmia: interrupted; what this run wrote was removed (no _SUCCESS): rerun to finish",
             file=sys.stderr,
         )
         return 130

@@ -23,14 +23,16 @@ class LocalEngine:
         self.backend, self.backend_choice = open_backend(plan.config, plan.models)
 
     def score(
-        self, fragments: list[Fragment], out: str | None, threshold: float | None
+        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
     ) -> pa.Table:
         parts: list[pa.Table] = []
+        if output is not None:
+            output.claim(*(outputs.part_name(i) for i in range(len(fragments))))
         with tqdm(total=sum(f.num_rows for f in fragments), desc="scoring", unit="seq") as bar:
             for index, fragment in enumerate(fragments):
                 table = self._score_fragment(fragment, threshold, bar)
-                if out is not None:
-                    outputs.write_scores(out, table, self.plan.encryption, part=index)
+                if output is not None:
+                    output.write_part(index, table)
                 parts.append(
                     table.drop_columns(["text"]) if "text" in table.column_names else table
                 )

