@@ -13,67 +13,61 @@ import sys
 import threading
 import typing
 
-from ezmia.config import AuditConfig, RayOptions, load_yaml, parse_model
+from pydantic import BaseModel
+
+from ezmia.config import AuditConfig, load_yaml, parse_model
 from ezmia.errors import EzmiaError
 
-AUDIT_HELP = {
-    "target": "fine-tuned checkpoint to audit: local dir, s3:// prefix or hub id; a LoRA "
-    "adapter dir (adapter_config.json) is scored on one copy of its base",
-    "reference": "base model the target was fine-tuned from (default for adapters: the "
-    "adapter's base)",
-    "out": "output directory or s3:// prefix (scores/, summary.json, report.html, _SUCCESS)",
-    "name": "name of the checkpoint in reports (default: the target's folder name)",
-    "data": "Parquet file, directory or prefix to score (repeatable)",
-    "members": "Parquet data known to be in the fine-tuning set (labels implied; repeatable)",
-    "nonmembers": "Parquet data known NOT to be in the fine-tuning set (repeatable)",
-    "calibration": "known non-members for detection mode on unlabelled --data (repeatable)",
-    "text_column": "column holding the text",
-    "id_column": "column holding a unique row id (default: the row's index in source order)",
-    "label_column": "column with membership labels, bool or 0/1 (true = member)",
-    "max_length": "tokens per sequence (longer texts are truncated and flagged)",
-    "fpr": "false-positive rate of the detection threshold",
-    "backend": "scoring backend: vllm (prompt logprobs), torch, or auto",
-    "device": "torch device: auto, cpu, cuda, cuda:1 ...",
-    "dtype": "auto = bf16 on GPU, fp32 on CPU",
-    "batch_size": "sequences per forward pass",
-    "engine": "local (this process) or ray (cluster); auto = ray when RAY_ADDRESS is set",
-    "overwrite": "replace an output location that already holds a finished audit",
-    "include_text": "copy raw texts into scores and report (off: private by default)",
-    "allow_pickle": "allow pickle-based weights (.bin), which can run code when loaded",
-    "trust_remote_code": "allow checkpoints that ship custom model code (auto_map)",
-    "bootstrap_rounds": "bootstrap resamples for the 95%% intervals",
-    "seed": "random seed of the bootstrap",
-    "sse": "S3 server-side encryption for everything written",
-    "sse_kms_key_id": "KMS key id for --sse aws:kms",
-    "cache_dir": "where downloaded and merged models are cached (default ~/.cache/ezmia)",
-}
-RAY_FLAGS = {
-    "address": "Ray cluster address (default: RAY_ADDRESS)",
-    "min_actors": "fewest scoring actors",
-    "max_actors": "most scoring actors",
-    "gpus_per_actor": "GPUs per scoring actor (fractions allowed)",
-    "cpus_per_actor": "CPUs per scoring actor",
-}
+
+def _nested(info) -> type[BaseModel] | None:
+    """The option group a field holds (``ray``, ``vllm``), if it is one."""
+    kind = info.annotation
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 
-def _add_model_flags(parser: argparse.ArgumentParser, model, helps: dict, prefix: str = "") -> None:
+def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix="") -> None:
+    """One flag per field of ``model`` (groups flattened as ``--ray-...``), help and
+    defaults from the field itself; booleans as ``--x/--no-x`` so a YAML value can be
+    switched either way."""
     for name, info in model.model_fields.items():
-        if name not in helps:
+        if group := _nested(info):
+            _add_model_flags(parser, group, f"{prefix}{name}_")
             continue
         flag = "--" + (prefix + name).replace("_", "-")
         dest = prefix + name
         origin = typing.get_origin(info.annotation)
+        text = (info.description or "").replace("%", "%%")
         if info.annotation is bool:
             parser.add_argument(
-                flag, dest=dest, action="store_true", default=None, help=helps[name]
+                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
             )
         elif origin is list:
-            parser.add_argument(flag, dest=dest, action="append", metavar="URI", help=helps[name])
+            parser.add_argument(
+                flag, dest=dest, action="append", metavar="URI", help=text + " (repeatable)"
+            )
         else:
-            choices = typing.get_args(info.annotation) if origin is typing.Literal else None
+            literal = next(
+                (a for a in [info.annotation, *typing.get_args(info.annotation)]
+                 if typing.get_origin(a) is typing.Literal),
+                None,
+            )  # fmt: skip
+            choices = typing.get_args(literal) if literal else None
             default = None if info.is_required() else info.default
-            hint = f" (default: {default})" if default not in (None, [], False) else ""
-            parser.add_argument(flag, dest=dest, choices=choices, help=helps[name] + hint)
+            hint = "" if default is None or default is False else f" (default: {default})"
+            parser.add_argument(flag, dest=dest, choices=choices, help=text + hint)
+
+
+def _flag_values(values: dict, model: type[BaseModel], data: dict, prefix: str = "") -> dict:
+    """``data`` (from YAML) with every flag given on the command line put over it."""
+    merged = dict(data)
+    for name, info in model.model_fields.items():
+        if group := _nested(info):
+            nested = _flag_values(values, group, dict(data.get(name) or {}), f"{prefix}{name}_")
+            if nested:
+                merged[name] = nested
+        elif values.get(prefix + name) is not None:
+            merged[name] = values[prefix + name]
+    return merged
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,8 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--label-column is_member --out audit/",
     )
     audit.add_argument("--config", help="YAML file with any of these options (flags override)")
-    _add_model_flags(audit, AuditConfig, AUDIT_HELP)
-    _add_model_flags(audit, RayOptions, RAY_FLAGS, prefix="ray_")
+    _add_model_flags(audit, AuditConfig)
     batch = commands.add_parser(
         "batch",
         help="run many audits from one YAML (the org-wide Ray job); index them",
@@ -120,17 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 def audit_config_from_args(args: argparse.Namespace) -> AuditConfig:
     """Merge ``--config`` YAML with the flags given (flags win) into an ``AuditConfig``."""
     data = load_yaml(args.config) if args.config else {}
-    values = vars(args)
-    for name in AuditConfig.model_fields:
-        if values.get(name) is not None:
-            data[name] = values[name]
-    ray = dict(data.get("ray") or {})
-    for name in RayOptions.model_fields:
-        if values.get("ray_" + name) is not None:
-            ray[name] = values["ray_" + name]
-    if ray:
-        data["ray"] = ray
-    return parse_model(AuditConfig, data, args.config or "command line")
+    return parse_model(
+        AuditConfig, _flag_values(vars(args), AuditConfig, data), args.config or "command line"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

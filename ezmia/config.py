@@ -22,12 +22,14 @@ class Strict(BaseModel):
 class RayOptions(Strict):
     """How the Ray engine sizes its scoring actor pool."""
 
-    address: str | None = None
-    min_actors: int = Field(1, ge=1)
-    max_actors: int = Field(1, ge=1)
-    gpus_per_actor: float = Field(0.0, ge=0)
-    cpus_per_actor: float = Field(0.5, gt=0)
-    rows_per_block: int = Field(256, ge=1)
+    address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS)")
+    min_actors: int = Field(1, ge=1, description="fewest scoring actors")
+    max_actors: int = Field(1, ge=1, description="most scoring actors")
+    gpus_per_actor: float = Field(
+        0.0, ge=0, description="GPUs per scoring actor (fractions allowed)"
+    )
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per scoring actor")
+    rows_per_block: int = Field(256, ge=1, description="rows per Ray Data block and batch")
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> RayOptions:
@@ -41,12 +43,22 @@ class RayOptions(Strict):
 class VllmOptions(Strict):
     """vLLM engine settings (used when the backend is vLLM)."""
 
-    gpu_memory_utilization: float = Field(0.8, gt=0, le=1)
-    max_num_seqs: int = Field(64, ge=1)
-    max_model_len: int | None = None
-    lora_mode: Literal["merge", "lora_request"] = "merge"
-    canary_sequences: int = Field(8, ge=0)
-    on_canary_failure: Literal["stop", "fallback"] = "fallback"
+    gpu_memory_utilization: float = Field(
+        0.8, gt=0, le=1, description="share of GPU memory vLLM may take"
+    )
+    max_num_seqs: int = Field(64, ge=1, description="sequences per vLLM step")
+    max_model_len: int | None = Field(
+        None, description="vLLM context length (default: --max-length)"
+    )
+    lora_mode: Literal["merge", "lora_request"] = Field(
+        "merge", description="LoRA targets: merge the adapter, or serve it per request"
+    )
+    canary_sequences: int = Field(
+        8, ge=0, description="sequences scored by both vLLM and PyTorch to cross-check vLLM"
+    )
+    on_canary_failure: Literal["stop", "fallback"] = Field(
+        "fallback", description="when vLLM disagrees with PyTorch: stop, or fall back to PyTorch"
+    )
 
 
 class AuditConfig(Strict):
@@ -54,35 +66,82 @@ class AuditConfig(Strict):
     audit), or ``members`` and ``nonmembers`` files whose labels are implied;
     ``calibration`` (known non-members) turns an unlabelled audit into detection."""
 
-    target: str
-    reference: str | None = None
-    out: str
-    name: str | None = None
-    data: list[str] = []
-    members: list[str] = []
-    nonmembers: list[str] = []
-    calibration: list[str] = []
-    text_column: str = "text"
-    id_column: str | None = None
-    label_column: str | None = None
-    max_length: int = Field(128, ge=2)
-    fpr: float = Field(0.001, gt=0, lt=1)
-    backend: Literal["auto", "torch", "vllm"] = "auto"
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(16, ge=1)
-    engine: Literal["auto", "local", "ray"] = "auto"
-    overwrite: bool = False
-    include_text: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    bootstrap_rounds: int = Field(200, ge=0)
-    seed: int = 0
-    sse: Literal["aws:kms", "AES256"] | None = None
-    sse_kms_key_id: str | None = None
-    cache_dir: str | None = None
-    ray: RayOptions = RayOptions()
-    vllm: VllmOptions = VllmOptions()
+    target: str = Field(
+        description="fine-tuned checkpoint to audit: local dir, s3:// prefix or hub id; a LoRA "
+        "adapter dir (adapter_config.json) is scored on one copy of its base"
+    )
+    reference: str | None = Field(
+        None,
+        description="base model the target was fine-tuned from (default for adapters: the "
+        "adapter's base)",
+    )
+    out: str = Field(
+        description="output directory or s3:// prefix (scores/, summary.json, report.html, "
+        "_SUCCESS); must be empty, new, or an earlier ezmia audit"
+    )
+    name: str | None = Field(
+        None, description="name of the checkpoint in reports (default: the target's folder name)"
+    )
+    data: list[str] = Field([], description="Parquet file, directory or prefix to score")
+    members: list[str] = Field(
+        [], description="Parquet data known to be in the fine-tuning set (labels implied)"
+    )
+    nonmembers: list[str] = Field(
+        [], description="Parquet data known NOT to be in the fine-tuning set"
+    )
+    calibration: list[str] = Field(
+        [], description="known non-members for detection mode on unlabelled --data"
+    )
+    text_column: str = Field("text", description="column holding the text")
+    id_column: str | None = Field(
+        None, description="column holding a unique row id (default: the row's index in order)"
+    )
+    label_column: str | None = Field(
+        None, description="column with membership labels, bool or 0/1 (true = member)"
+    )
+    max_length: int = Field(
+        128, ge=2, description="tokens per sequence (longer texts are truncated and flagged)"
+    )
+    fpr: float = Field(
+        0.001, gt=0, lt=1, description="false-positive rate of the detection threshold"
+    )
+    backend: Literal["auto", "torch", "vllm"] = Field(
+        "auto", description="scoring backend: vllm (prompt logprobs), torch, or auto"
+    )
+    device: str = Field("auto", description="torch device: auto, cpu, cuda, cuda:1 ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bf16 on GPU, fp32 on CPU"
+    )
+    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    engine: Literal["auto", "local", "ray"] = Field(
+        "auto",
+        description="local (this process) or ray (cluster); auto = ray when RAY_ADDRESS is set",
+    )
+    overwrite: bool = Field(
+        False, description="replace an earlier finished ezmia audit at --out (only its files)"
+    )
+    include_text: bool = Field(
+        False, description="copy raw texts into scores and report (off: private by default)"
+    )
+    allow_pickle: bool = Field(
+        False, description="allow pickle-based weights (.bin), which can run code when loaded"
+    )
+    trust_remote_code: bool = Field(
+        False, description="allow checkpoints that ship custom model code (auto_map)"
+    )
+    bootstrap_rounds: int = Field(
+        200, ge=0, description="bootstrap resamples for the 95% intervals"
+    )
+    seed: int = Field(0, description="random seed of the bootstrap")
+    sse: Literal["aws:kms", "AES256"] | None = Field(
+        None, description="S3 server-side encryption for everything written"
+    )
+    sse_kms_key_id: str | None = Field(None, description="KMS key id for --sse aws:kms")
+    cache_dir: str | None = Field(
+        None, description="where downloaded and merged models are cached (default ~/.cache/ezmia)"
+    )
+    ray: RayOptions = Field(RayOptions(), description="Ray engine options")
+    vllm: VllmOptions = Field(VllmOptions(), description="vLLM backend options")
 
     @model_validator(mode="after")
     def _datasets_given(self) -> AuditConfig:
@@ -136,7 +195,7 @@ def _problem(model: type[Strict], error: dict) -> str:
     if not loc:
         return message
     key = ".".join(loc)
-    if model is AuditConfig and loc[0] in AuditConfig.model_fields | {"ray": None}:
+    if model is AuditConfig and loc[0] in AuditConfig.model_fields:
         key += f" (--{'-'.join(loc).replace('_', '-')})"
     if error["type"] == "extra_forbidden":
         known = list(_fields_at(model, loc[:-1]))

@@ -1,0 +1,79 @@
+"""The command line is generated from the configuration models: every option has a flag with
+help, booleans switch both ways, and flags override a YAML config key by key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel
+
+from ezmia.cli import audit_config_from_args, build_parser
+from ezmia.config import AuditConfig
+
+
+def option_flags(model: type[BaseModel], prefix: str = "") -> dict[str, str | None]:
+    """Every leaf option of ``model`` as its flag, with its description."""
+    flags: dict[str, str | None] = {}
+    for name, info in model.model_fields.items():
+        kind = info.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            flags.update(option_flags(kind, f"{prefix}{name}-"))
+        else:
+            flags["--" + (prefix + name).replace("_", "-")] = info.description
+    return flags
+
+
+def audit_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["audit", "--help"])
+    return "".join(capsys.readouterr().out.split())  # argparse wraps lines anywhere
+
+
+def test_audit_help_lists_every_option_with_its_help(capsys):
+    text = audit_help(capsys)
+    flags = option_flags(AuditConfig)
+    assert {"--vllm-max-num-seqs", "--ray-rows-per-block", "--sse-kms-key-id"} <= set(flags)
+    for flag, description in flags.items():
+        assert description, f"{flag} has no description"
+        assert flag in text
+        assert "".join(description.split()) in text, flag
+
+
+def test_boolean_flags_switch_a_yaml_true_off_and_a_yaml_false_on(tmp_path):
+    config = tmp_path / "audit.yaml"
+    config.write_text(json.dumps({"target": "t", "out": "o", "data": ["d"], "include_text": True}))
+    base = ["audit", "--config", str(config)]
+    parse = build_parser().parse_args
+    assert audit_config_from_args(parse(base)).include_text is True
+    assert audit_config_from_args(parse([*base, "--no-include-text"])).include_text is False
+    assert audit_config_from_args(parse([*base, "--overwrite"])).overwrite is True
+
+
+def test_nested_flags_override_yaml_keys_of_their_group_one_by_one(tmp_path):
+    config = tmp_path / "audit.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "target": "t",
+                "out": "o",
+                "data": ["d"],
+                "ray": {"max_actors": 4, "cpus_per_actor": 2},
+                "vllm": {"max_num_seqs": 8},
+            }
+        )
+    )
+    args = build_parser().parse_args(
+        [
+            "audit",
+            "--config",
+            str(config),
+            "--ray-cpus-per-actor",
+            "1",
+            "--vllm-lora-mode",
+            "lora_request",
+        ]  # fmt: skip
+    )
+    parsed = audit_config_from_args(args)
+    assert (parsed.ray.max_actors, parsed.ray.cpus_per_actor) == (4, 1.0)
+    assert (parsed.vllm.max_num_seqs, parsed.vllm.lora_mode) == (8, "lora_request")
