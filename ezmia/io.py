@@ -1,12 +1,19 @@
 """Reading audit datasets from Parquet files, directories or prefixes, local or on S3.
 
-A dataset is planned as fragments (one Parquet row group each, with its global row offset)
-so the local engine and the Ray engine read the same rows with the same default ids.
+A dataset is planned as fragments (one non-empty Parquet row group each, with its global row
+offset) so the local engine and the Ray engine read the same rows with the same default ids.
+Planning lists the data files (skipping what Spark, Hadoop and S3 consoles leave beside
+them), checks every file's schema and unifies the id type across files, so every fragment
+is read in the same types.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -17,6 +24,11 @@ from ezmia.errors import InputError
 
 ROW_INDEX = "__row_index"
 FILE_ROW = "__file_row"
+FRAGMENT = "__fragment"
+TEXT_DIGEST = "__text_digest"
+DIGEST_BYTES = 16
+"""Text digests keep the first 128 bits of SHA-256: collisions are out of reach (about
+n**2 / 2**129 for n rows) at half the memory."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,19 @@ class Columns:
     id: str | None = None
     label: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.id is not None and self.id == self.text:
+            raise InputError(
+                f"--id-column {self.id!r} is also the text column: ids are copied into the "
+                "scores and the report, texts are private; choose another --id-column, or drop "
+                "it to number rows by position"
+            )
+        if self.id is not None and self.id == self.label:
+            raise InputError(
+                f"--id-column {self.id!r} is also the label column; choose another "
+                "--id-column, or drop it to number rows by position"
+            )
+
     def needed(self) -> list[str]:
         return [c for c in (self.text, self.id, self.label) if c]
 
@@ -34,7 +59,8 @@ class Columns:
 @dataclass(frozen=True)
 class Fragment:
     """One row group of one Parquet file; ``offset`` is its first row's index in the dataset,
-    ``file_offset`` its first row's index in its file (for error messages)."""
+    ``file_offset`` its first row's index in its file (for error messages), ``id_type`` the
+    id type unified across the dataset's files (every fragment's ids are cast to it)."""
 
     uri: str
     row_group: int
@@ -42,32 +68,66 @@ class Fragment:
     num_rows: int
     label: bool | None = None
     file_offset: int = 0
+    id_type: str | None = None
 
 
-def parquet_files(uri: str) -> list[str]:
-    """The Parquet files of a file, directory or prefix, in sorted order."""
+def _side_file(relative: str) -> bool:
+    """Whether a path below a dataset root is something tools leave beside the data: a
+    ``_*`` or ``.*`` name at any depth (``_SUCCESS``, ``_committed_*``, ``._part-0.parquet``,
+    ``.hidden/``), a ``*.crc`` checksum or an S3 folder marker (``prefix/``, ``x_$folder$``)."""
+    parts = relative.split("/")
+    return (
+        not relative
+        or relative.endswith(("/", ".crc", "_$folder$"))
+        or any(p.startswith(("_", ".")) for p in parts)
+    )
+
+
+def _relative(file: str, root: str) -> str:
+    """``file``'s path below the dataset root, ``/``-separated."""
+    if storage.is_s3(root):
+        root_key = storage.split_s3(root)[1].rstrip("/")
+        key = storage.split_s3(file)[1]
+        return key[len(root_key) :].lstrip("/") if root_key else key
+    return Path(file).relative_to(Path(root)).as_posix()
+
+
+def dataset_files(uri: str) -> tuple[list[str], bool]:
+    """The Parquet files of a dataset path, sorted, and whether ``uri`` names one file.
+
+    A file named by the user is read as given. Under a directory or prefix, only
+    ``*.parquet``/``*.parq`` files count, and side files (see ``_side_file``) are skipped.
+    """
     with storage.s3_errors(uri, "list the dataset"):
         files = storage.list_files(uri)
     if not files:
         raise InputError(f"{uri}: no such file, directory or prefix (check the dataset path)")
-    parquet = [f for f in files if f.endswith((".parquet", ".parq")) or f == uri]
+    explicit = (
+        Path(uri).is_file() if not storage.is_s3(uri) else files == [uri] and not uri.endswith("/")
+    )
+    if explicit:
+        return files, True
+    visible = [f for f in files if not _side_file(_relative(f, uri))]
+    parquet = [f for f in visible if f.endswith((".parquet", ".parq"))]
     if not parquet:
+        example = (visible or files)[0]
         raise InputError(
             f"{uri}: no Parquet files found (expected *.parquet under this path; found e.g. "
-            f"{files[0]})"
+            f"{example}{'' if visible else ', which Spark, Hadoop or S3 leave beside data'})"
         )
-    return parquet
+    return parquet, False
 
 
 def _reason(err: Exception) -> str:
     return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
 
 
-def _open(uri: str) -> pq.ParquetFile:
+@contextlib.contextmanager
+def _reading(uri: str) -> Iterator[None]:
+    """Turn a missing or unreadable Parquet file into an ``InputError`` naming it."""
     with storage.s3_errors(uri, "read"):
-        fs, path = storage.arrow_filesystem(uri)
         try:
-            return pq.ParquetFile(fs.open_input_file(path))
+            yield
         except FileNotFoundError as err:
             raise InputError(f"{uri}: file not found") from err
         except (OSError, pa.ArrowException) as err:
@@ -76,6 +136,45 @@ def _open(uri: str) -> pq.ParquetFile:
             raise InputError(
                 f"{uri}: not a readable Parquet file ({_reason(err)}); re-export it"
             ) from err
+
+
+def _open(uri: str) -> pq.ParquetFile:
+    with _reading(uri):
+        fs, path = storage.arrow_filesystem(uri)
+        return pq.ParquetFile(fs.open_input_file(path))
+
+
+def _open_unless_empty(uri: str) -> pq.ParquetFile | None:
+    """The Parquet file at ``uri``, or ``None`` when it has 0 bytes."""
+    with _reading(uri):
+        fs, path = storage.arrow_filesystem(uri)
+        source = fs.open_input_file(path)
+        return pq.ParquetFile(source) if source.size() else None
+
+
+def _value_type(data_type: pa.DataType) -> pa.DataType:
+    """The type of the values (a dictionary-encoded column's value type)."""
+    return data_type.value_type if pa.types.is_dictionary(data_type) else data_type
+
+
+def _is_text(data_type: pa.DataType) -> bool:
+    value = _value_type(data_type)
+    return (
+        pa.types.is_string(value)
+        or pa.types.is_large_string(value)
+        or pa.types.is_binary(value)
+        or pa.types.is_large_binary(value)
+    )
+
+
+def _id_kind(data_type: pa.DataType) -> str | None:
+    """``integer`` or ``string`` for the id types ezmia accepts, else ``None``."""
+    value = _value_type(data_type)
+    if pa.types.is_integer(value):
+        return "integer"
+    if pa.types.is_string(value) or pa.types.is_large_string(value):
+        return "string"
+    return None
 
 
 def check_schema(uri: str, schema: pa.Schema, columns: Columns) -> None:
@@ -87,12 +186,7 @@ def check_schema(uri: str, schema: pa.Schema, columns: Columns) -> None:
                 "choose it with --text-column/--id-column/--label-column"
             )
     text_type = schema.field(columns.text).type
-    if not (
-        pa.types.is_string(text_type)
-        or pa.types.is_large_string(text_type)
-        or pa.types.is_binary(text_type)
-        or pa.types.is_large_binary(text_type)
-    ):
+    if not _is_text(text_type):
         raise InputError(
             f"{uri}: text column {columns.text!r} has type {text_type}, expected string; "
             "choose the text column with --text-column"
@@ -105,50 +199,110 @@ def check_schema(uri: str, schema: pa.Schema, columns: Columns) -> None:
             )
 
 
+def unify_id_types(types: list[tuple[str, pa.DataType]], column: str) -> pa.DataType:
+    """The one id type of a dataset's files (``(file, type)`` pairs, at least one): integer
+    or string ids only; integers of different widths become int64 (uint64 only if every file
+    is unsigned), string and large_string become large_string. Anything else is refused
+    naming the files, the column and the types."""
+    good = [(f, t) for f, t in types if _id_kind(t)]
+    for file, data_type in types:
+        if not _id_kind(data_type):
+            other = f"; {good[0][0]} has {good[0][1]}" if good else ""
+            raise InputError(
+                f"{file}: id column {column!r} has type {data_type}, but ids must be integers "
+                f"or strings{other}: cast the id column to int64 or string in every file, or "
+                "drop --id-column to number rows by position"
+            )
+    first_file, first = types[0]
+    for file, data_type in types[1:]:
+        if _id_kind(data_type) != _id_kind(first):
+            raise InputError(
+                f"{file}: id column {column!r} has type {data_type} but {first_file} has "
+                f"{first}; give every file the same id type (cast to int64 or string)"
+            )
+    values = {_value_type(t) for _, t in types}
+    if len(values) == 1:
+        return values.pop()
+    if _id_kind(first) == "string":
+        return pa.large_string()
+    if pa.uint64() in values and not all(pa.types.is_unsigned_integer(t) for t in values):
+        wide = next(f for f, t in types if _value_type(t) == pa.uint64())
+        signed = next(f for f, t in types if pa.types.is_signed_integer(_value_type(t)))
+        raise InputError(
+            f"{wide}: id column {column!r} has type uint64 but {signed} has signed integers; "
+            "give every file the same id type (cast to int64 or string)"
+        )
+    return pa.uint64() if pa.uint64() in values else pa.int64()
+
+
 def plan_fragments(
     uris: list[str], columns: Columns, labels: list[bool | None] | None = None
 ) -> list[Fragment]:
     """Fragments of one or more datasets, in source order, with global row offsets.
 
-    ``labels`` gives a fixed membership label per dataset (members / non-members files).
+    ``labels`` gives a fixed membership label per dataset (members / non-members files); a
+    file reached from both a member and a non-member dataset is refused. Under a directory
+    or prefix, 0-byte and 0-row files are skipped; 0-row row groups never make fragments.
     """
-    fragments: list[Fragment] = []
-    offset = 0
-    first_id: tuple[str, pa.Field] | None = None
+    opened: list[tuple[str, pq.ParquetFile, bool | None]] = []
+    seen: dict[str, tuple[bool | None, str]] = {}
     for dataset_index, uri in enumerate(uris):
         label = labels[dataset_index] if labels else None
-        for file in parquet_files(uri):
-            meta = _open(file)
+        files, explicit = dataset_files(uri)
+        kept = 0
+        for file in files:
+            _check_one_side(file, label, uri, seen)
+            meta = _open(file) if explicit else _open_unless_empty(file)
+            if meta is None or (not explicit and meta.metadata.num_rows == 0):
+                continue
             check_schema(file, meta.schema_arrow, columns)
-            if columns.id:
-                field = meta.schema_arrow.field(columns.id)
-                first_id = first_id or (file, field)
-                _check_same_id_type(first_id, (file, field))
-            file_offset = 0
-            for group in range(meta.metadata.num_row_groups):
-                rows = meta.metadata.row_group(group).num_rows
-                fragments.append(Fragment(file, group, offset, rows, label, file_offset))
-                offset += rows
-                file_offset += rows
+            opened.append((file, meta, label))
+            kept += 1
+        if not kept:
+            raise InputError(
+                f"{uri}: every Parquet file under this path is empty (0 bytes or 0 rows); "
+                "point at the folder that holds the data"
+            )
+    id_type = None
+    if columns.id and opened:
+        types = [(file, meta.schema_arrow.field(columns.id).type) for file, meta, _ in opened]
+        id_type = str(unify_id_types(types, columns.id))
+    fragments: list[Fragment] = []
+    offset = 0
+    for file, meta, label in opened:
+        file_offset = 0
+        for group in range(meta.metadata.num_row_groups):
+            rows = meta.metadata.row_group(group).num_rows
+            if rows:
+                fragments.append(Fragment(file, group, offset, rows, label, file_offset, id_type))
+            offset += rows
+            file_offset += rows
     return fragments
 
 
-def _check_same_id_type(first: tuple[str, pa.Field], other: tuple[str, pa.Field]) -> None:
-    """Ids of every file must share one type, or they cannot form one id column."""
-    try:
-        pa.unify_schemas(
-            [pa.schema([first[1]]), pa.schema([other[1]])], promote_options="permissive"
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+_SIDE_FLAGS = {True: "--members", False: "--nonmembers"}
+
+
+def _check_one_side(
+    file: str, label: bool | None, uri: str, seen: dict[str, tuple[bool | None, str]]
+) -> None:
+    """Refuse a file reached from both a member and a non-member dataset (the same path
+    twice, or a file and the folder holding it)."""
+    key = file if storage.is_s3(file) else str(Path(file).resolve())
+    if label is not None and key in seen and seen[key][0] is not None and seen[key][0] != label:
+        first_label, first_uri = seen[key]
         raise InputError(
-            f"{other[0]}: id column {other[1].name!r} has type {other[1].type} but {first[0]} "
-            f"has {first[1].type}; give every file the same id type"
-        ) from err
+            f"{file}: given as both {_SIDE_FLAGS[first_label]} ({first_uri}) and "
+            f"{_SIDE_FLAGS[label]} ({uri}); a row is either a member or a non-member: give "
+            "each file to one side only"
+        )
+    seen.setdefault(key, (label, uri))
 
 
 def read_fragment(fragment: Fragment, columns: Columns, with_text: bool = True) -> pa.Table:
-    """The fragment's needed columns (without the text unless ``with_text``), plus its global
-    row index, its rows' index in the file and its fixed label if any."""
+    """The fragment's needed columns (without the text unless ``with_text``; ids in the
+    dataset's unified id type), plus its global row index, its rows' index in the file and
+    its fixed label if any."""
     names = columns.needed() if with_text else [c for c in (columns.id, columns.label) if c]
     file = _open(fragment.uri)
     try:
@@ -159,6 +313,11 @@ def read_fragment(fragment: Fragment, columns: Columns, with_text: bool = True) 
             f"{fragment.uri}: row group {fragment.row_group} is unreadable ({_reason(err)}); "
             "the file is corrupt, re-export it"
         ) from err
+    if columns.id and fragment.id_type:
+        id_type = pa.type_for_alias(fragment.id_type)
+        if table.schema.field(columns.id).type != id_type:
+            position = table.schema.get_field_index(columns.id)
+            table = table.set_column(position, columns.id, table.column(columns.id).cast(id_type))
     index = pa.array(range(fragment.offset, fragment.offset + table.num_rows), pa.int64())
     table = table.append_column(ROW_INDEX, index)
     start = fragment.file_offset
@@ -171,14 +330,12 @@ def read_fragment(fragment: Fragment, columns: Columns, with_text: bool = True) 
 
 
 def normalize(table: pa.Table, columns: Columns, source: str) -> pa.Table:
-    """The canonical columns ``id``, ``text`` (when read), ``is_member`` (when labelled)."""
-    ids = table.column(columns.id) if columns.id else table.column(ROW_INDEX)
-    out = {"id": ids, ROW_INDEX: table.column(ROW_INDEX)}
+    """The canonical columns ``id``, ``text`` (when read, always as string), ``is_member``
+    (when labelled)."""
+    out = {"id": table.column(columns.id) if columns.id else table.column(ROW_INDEX)}
     if columns.text in table.column_names:
-        text = table.column(columns.text)
-        if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
-            text = pa.array([_decode(v) for v in text.to_pylist()], pa.string())
-        out = {"id": ids, "text": text, ROW_INDEX: table.column(ROW_INDEX)}
+        out["text"] = _as_string(table.column(columns.text))
+    out[ROW_INDEX] = table.column(ROW_INDEX)
     if FILE_ROW in table.column_names:
         out[FILE_ROW] = table.column(FILE_ROW)
     if columns.label:
@@ -189,6 +346,16 @@ def normalize(table: pa.Table, columns: Columns, source: str) -> pa.Table:
     return pa.table(out)
 
 
+def _as_string(text: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
+    """Texts as UTF-8 strings, whatever their column type (string, large_string, binary or
+    dictionary-encoded)."""
+    if pa.types.is_dictionary(text.type):
+        text = text.cast(text.type.value_type)
+    if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
+        return pa.array([_decode(v) for v in text.to_pylist()], pa.string())
+    return text if text.type == pa.string() else text.cast(pa.string())
+
+
 def _decode(value: bytes | None) -> str | None:
     """Undecodable bytes become a null text (the row is then reported as ``empty``)."""
     if value is None:
@@ -197,6 +364,44 @@ def _decode(value: bytes | None) -> str | None:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def text_digests(texts: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The first ``DIGEST_BYTES`` of each text's SHA-256 (of its UTF-8 bytes); null for a
+    null or blank text (it scores as ``empty``, so it cannot tell members apart)."""
+    return pa.array(
+        [
+            hashlib.sha256(t.encode("utf-8")).digest()[:DIGEST_BYTES] if t and t.strip() else None
+            for t in texts.to_pylist()
+        ],
+        pa.binary(DIGEST_BYTES),
+    )
+
+
+def read_keys(fragments: list[Fragment], columns: Columns, digests: bool) -> pa.Table:
+    """Ids, labels, file rows and fragment indexes of every row (with ``digests``, plus each
+    text's digest), read one fragment at a time so no text is ever held beyond its fragment."""
+    tables = []
+    for index, fragment in enumerate(fragments):
+        rows = normalize(read_fragment(fragment, columns, with_text=digests), columns, fragment.uri)
+        if digests:
+            rows = rows.append_column(TEXT_DIGEST, text_digests(rows.column("text")))
+            rows = rows.drop_columns(["text"])
+        tables.append(rows.append_column(FRAGMENT, pa.array([index] * rows.num_rows, pa.int32())))
+    return pa.concat_tables(tables)
+
+
+def member_and_nonmember(keys: pa.Table, column: str) -> tuple[int, int] | None:
+    """The first member row (in source order) whose non-null ``column`` value a non-member
+    row also has, and the first such non-member row; ``None`` when the classes share none."""
+    values, member = keys.column(column), keys.column("is_member")
+    nonmember_values = pc.drop_null(pc.filter(values, pc.invert(member))).combine_chunks()
+    shared = pc.and_(member, pc.is_in(values, value_set=nonmember_values, skip_nulls=True))
+    if not pc.any(shared).as_py():
+        return None
+    first = pc.indices_nonzero(shared)[0].as_py()
+    other = pc.and_(pc.invert(member), pc.equal(values, values[first]))
+    return first, pc.indices_nonzero(other)[0].as_py()
 
 
 def labels_to_bool(
@@ -225,14 +430,3 @@ def labels_to_bool(
             "expected bool or 0/1 (1 = member)"
         )
     return pc.equal(column, 1)
-
-
-def read_dataset(
-    uris: list[str], columns: Columns, labels: list[bool | None] | None = None
-) -> pa.Table:
-    """Every row of the datasets as ``id``, ``text``, ``is_member`` columns (local engine)."""
-    fragments = plan_fragments(uris, columns, labels)
-    tables = [normalize(read_fragment(f, columns), columns, f.uri) for f in fragments]
-    if not tables:
-        raise InputError(f"{', '.join(uris)}: the dataset has no rows")
-    return pa.concat_tables(tables, promote_options="permissive")

@@ -295,6 +295,24 @@ CASES = [
          ("{root}/nope.yaml", "config file not found")),
     Case("output-is-a-file", lambda k: _audit(k, "--out", k.small),
          ("{root}/small.parquet", "is a file", "choose another --out")),
+    # --- datasets: members and non-members kept apart, ids that cannot leak texts
+    Case("same-file-as-members-and-nonmembers",
+         lambda k: _audit(k, data=["--members", k.members, "--nonmembers", k.members]),
+         ("{root}/members.parquet: given as both --members ({root}/members.parquet) and "
+          "--nonmembers ({root}/members.parquet)", "give each file to one side only")),
+    Case("same-id-member-and-nonmember",
+         lambda k: _audit(k, data=["--members", k.members, "--nonmembers", k.small,
+                                   "--id-column", "id"]),
+         ("{root}/members.parquet row 0 (member) and {root}/small.parquet row 0 (non-member) "
+          "have the same id", "remove it from one side, or fix its label")),
+    Case("same-text-member-and-nonmember",
+         lambda k: _audit(k, data=["--members", k.members, "--nonmembers", k.small]),
+         ("{root}/members.parquet row 0 (member) and {root}/small.parquet row 0 (non-member) "
+          "hold the same text", "remove it from one side, or fix its label")),
+    Case("id-column-is-the-text-column",
+         lambda k: _audit(k, data=["--data", k.small, "--id-column", "text",
+                                   "--label-column", "is_member"]),
+         ("--id-column 'text' is also the text column", "texts are private")),
 ]  # fmt: skip
 
 
