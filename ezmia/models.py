@@ -8,6 +8,7 @@ copy of its base, which is also the reference.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -273,16 +274,37 @@ def has_tokenizer(path: Path) -> bool:
     return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
-def fingerprint(path: Path) -> str:
-    """A content hash of the checkpoint's config and weight files."""
+def fingerprint(path: Path, cache_dir: Path | None = None) -> str:
+    """The identity of a checkpoint's config and weight files, from what is already known:
+    an S3 download's listing (keys, ETags, sizes), else each file's SHA-256, computed once per
+    path, size and modification time and cached."""
+    listing = path / COMPLETE
+    if listing.exists():  # an S3 download records its listing
+        return hashlib.sha256(listing.read_bytes()).hexdigest()[:32]
     digest = hashlib.sha256()
-    files = _matches(path, ("*.json", *SAFE_WEIGHTS, *PICKLE_WEIGHTS))
-    for file in files:
+    for file in _matches(path, ("*.json", *SAFE_WEIGHTS, *PICKLE_WEIGHTS)):
         digest.update(file.name.encode())
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
+        digest.update(_file_hash(file, (cache_dir or default_cache_dir()) / "fingerprints"))
     return digest.hexdigest()[:32]
+
+
+def _file_hash(file: Path, cache: Path) -> bytes:
+    """SHA-256 of a file's content, cached under its resolved path, size and mtime."""
+    stat = file.stat()
+    key = f"{file.resolve()}\n{stat.st_size}\n{stat.st_mtime_ns}"
+    entry = cache / hashlib.sha256(key.encode()).hexdigest()[:32]
+    with contextlib.suppress(OSError, ValueError):
+        return bytes.fromhex(entry.read_text())
+    digest = hashlib.sha256()
+    with file.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the hash next time
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = entry.with_name(f".{entry.name}.{os.getpid()}")
+        staging.write_text(digest.hexdigest())
+        staging.replace(entry)
+    return digest.digest()
 
 
 def plan_models(
@@ -332,7 +354,10 @@ def plan_models(
         reference=reference_dir,
         target_is_adapter=is_adapter,
         tokenizer=tokenizer_dir,
-        fingerprints={"target": fingerprint(target_dir), "reference": fingerprint(reference_dir)},
+        fingerprints={
+            "target": fingerprint(target_dir, cache_dir),
+            "reference": fingerprint(reference_dir, cache_dir),
+        },
     )
 
 

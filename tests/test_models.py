@@ -1,0 +1,46 @@
+"""Model planning: fingerprints come from what storage already knows, and a local weight
+file is hashed once per path, size and modification time."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+
+from ezmia.models import fingerprint, resolve_model_dir
+from tests.conftest import upload_dir
+
+
+def test_a_local_fingerprint_is_the_content_hash_and_is_cached(models, tmp_path):
+    model = shutil.copytree(models.base, tmp_path / "model")
+    cache = tmp_path / "cache"
+    first = fingerprint(model, cache)
+    entries = sorted((cache / "fingerprints").iterdir())
+    weights = model / "model.safetensors"
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() in {e.read_text() for e in entries}
+    assert fingerprint(model, cache) == first
+    assert sorted((cache / "fingerprints").iterdir()) == entries  # nothing hashed again
+
+
+def test_changed_weights_change_the_fingerprint(models, tmp_path):
+    model = shutil.copytree(models.base, tmp_path / "model")
+    cache = tmp_path / "cache"
+    before = fingerprint(model, cache)
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert fingerprint(model, cache) != before
+
+
+def test_an_s3_model_is_fingerprinted_by_its_listing(models, s3, bucket, tmp_path):
+    client = s3.client()
+    uri = upload_dir(client, models.base, bucket, "base")
+    local = resolve_model_dir(uri, tmp_path / "cache")
+    first = fingerprint(local, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "fingerprints").exists()  # no weight file was read
+    client.put_object(Bucket=bucket, Key="base/config.json", Body=b'{"changed": true}')
+    again = resolve_model_dir(uri, tmp_path / "cache")
+    assert fingerprint(again, tmp_path / "cache") != first
