@@ -1,20 +1,23 @@
-"""The audit index: one Parquet row per audit, Hive-partitioned by date, never rewritten.
+"""The audit index: one Parquet row per audit, Hive-partitioned by date.
 
-Reports of a multi-audit run go under ``ROOT/date=YYYY-MM-DD/checkpoint=<name>/``.
+Reports of a multi-audit run go under ``ROOT/date=YYYY-MM-DD/checkpoint=<name>/``. Each row
+is a part file named after its report's location, so a retried audit (after a kill or a
+failure) replaces its own row instead of adding a second one.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import re
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ezmia import storage
 from ezmia.audit import AuditResult
+from ezmia.config import AuditConfig
 from ezmia.schema import INDEX_METRICS, INDEX_SCHEMA, INDEX_SCORES, SCHEMA_VERSION
 
 
@@ -29,6 +32,11 @@ def safe_name(name: str) -> str:
 
 def report_location(root: str, name: str, date: str | None = None) -> str:
     return storage.join(root, f"date={date or today()}", f"checkpoint={safe_name(name)}")
+
+
+def dataset_label(config: AuditConfig) -> str:
+    """The index's ``dataset``: the audit's data files, or its member then non-member files."""
+    return ", ".join(config.data or [*config.members, *config.nonmembers])
 
 
 def index_row(result: AuditResult, dataset: str) -> dict:
@@ -60,14 +68,20 @@ def index_row(result: AuditResult, dataset: str) -> dict:
 
 
 def write_index(
-    root: str, rows: list[dict], encryption: storage.Encryption | None = None
+    root: str,
+    rows: list[dict],
+    encryption: storage.Encryption | None = None,
+    date: str | None = None,
 ) -> str | None:
-    """Append rows as a new file under ``ROOT/index/date=.../``; returns its URI."""
+    """Write each row as ``ROOT/index/date=.../audits-<key>.parquet``, the key a hash of its
+    report's location (rewriting the row of an earlier try); returns the folder."""
     if not rows:
         return None
-    table = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    uri = storage.join(root, "index", f"date={today()}", f"audits-{uuid.uuid4().hex[:12]}.parquet")
-    storage.write_bytes(uri, buffer.getvalue(), encryption)
-    return uri
+    folder = storage.join(root, "index", f"date={date or today()}")
+    for row in rows:
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist([row], schema=INDEX_SCHEMA), buffer)
+        key = hashlib.sha256(row["report_uri"].encode()).hexdigest()[:24]
+        storage.write_bytes(storage.join(folder, f"audits-{key}.parquet"), buffer.getvalue(),
+                            encryption)  # fmt: skip
+    return folder

@@ -19,8 +19,15 @@ from pydantic import Field, create_model, field_validator
 
 from ezmia import storage
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
+from ezmia.errors import InputError
+from ezmia.summary import VERDICT_RULES, exceeds
 
 SET_BY_SCAN = ("target", "out", "name", "overwrite")
+# Safety and privacy switches, encryption and where the audit runs or writes: only the
+# operator (the policy's audit_defaults and rules, the scan's flags) may set these; a sidecar
+# that names one is refused. "ray.address" is the key ``address`` of the ``ray`` group.
+OPERATOR_ONLY = ("trust_remote_code", "allow_pickle", "include_text", "cache_dir", "sse",
+                 "sse_kms_key_id", "engine", "ray.address")  # fmt: skip
 PATH_KEYS = ("members", "nonmembers", "data", "calibration", "reference")
 METRICS = ("tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr", "auc")
 
@@ -45,12 +52,17 @@ AuditOptions = create_model(  # every AuditConfig field the scan does not set, a
 )
 
 
-class Thresholds(Strict):
-    """Largest EZ metric values a checkpoint may show and still pass (``None``: no limit)."""
+HIGH = {key: limit for level, key, limit in VERDICT_RULES if level == "high"}
 
-    max_tpr_at_0_1pct_fpr: float | None = Field(0.05, ge=0, le=1)
+
+class Thresholds(Strict):
+    """Largest EZ metric values a checkpoint may show and still pass (``None``: no limit).
+    The defaults are the verdict's "high" limits: by default a checkpoint fails exactly
+    when its verdict is high (or insufficient)."""
+
+    max_tpr_at_0_1pct_fpr: float | None = Field(HIGH["tpr_at_0_1pct_fpr"], ge=0, le=1)
     max_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
-    max_auc: float | None = Field(0.75, ge=0, le=1)
+    max_auc: float | None = Field(HIGH["auc"], ge=0, le=1)
 
 
 class Override(Strict):
@@ -115,10 +127,30 @@ def resolve_paths(options: dict, folder: str) -> dict:
     return resolved
 
 
+def operator_only_keys(options: dict) -> list[str]:
+    """The ``OPERATOR_ONLY`` keys that ``options`` (a sidecar's raw mapping) sets."""
+    found = []
+    for key in OPERATOR_ONLY:
+        group, _, name = key.rpartition(".")
+        values = options.get(group) if group else options
+        if isinstance(values, dict) and name in values:
+            found.append(key)
+    return found
+
+
 def read_options(uri: str) -> dict:
-    """A sidecar's audit options, validated (typos fail) and with relative paths resolved."""
+    """A sidecar's audit options, validated (typos and operator-only keys fail) and with
+    relative paths resolved."""
+    data = load_yaml(uri)
+    if refused := operator_only_keys(data):
+        them = "it" if len(refused) == 1 else "them"
+        raise InputError(
+            f"{uri}: {', '.join(refused)}: a checkpoint's sidecar may not set {them}, only the "
+            f"operator's policy (audit_defaults or rules) or the scan's flags may; remove "
+            f"{them} from the sidecar"
+        )
     folder = uri.rsplit("/", 1)[0]
-    options = parse_model(AuditOptions, resolve_paths(load_yaml(uri), folder), uri)
+    options = parse_model(AuditOptions, resolve_paths(data, folder), uri)
     return options.model_dump(exclude_unset=True)
 
 
@@ -143,7 +175,11 @@ class Judgement:
 
 
 def judge(summary: dict, thresholds: Thresholds) -> Judgement:
-    """Pass when every EZ metric is within its threshold; fail without labelled EZ metrics."""
+    """Pass when every EZ metric is within its threshold (the verdict's boundary rule,
+    ``exceeds``); fail without labelled EZ metrics or with too few scored rows."""
+    level = summary.get("verdict", {}).get("level")
+    if level == "insufficient":
+        return Judgement("fail", [f"insufficient: {summary['verdict']['text']}"])
     ez = summary.get("metrics", {}).get("ez_score")
     if not ez:
         return Judgement(
@@ -154,6 +190,6 @@ def judge(summary: dict, thresholds: Thresholds) -> Judgement:
     breaches = []
     for metric in METRICS:
         limit = getattr(thresholds, f"max_{metric}")
-        if limit is not None and ez[metric] > limit:
+        if limit is not None and exceeds(ez[metric], limit):
             breaches.append(f"EZ {metric} {ez[metric]:.4f} > max_{metric} {limit:g}")
     return Judgement("fail" if breaches else "pass", breaches)

@@ -58,6 +58,7 @@ VERDICT_COLORS: dict[str, tuple[str, str]] = {
     "high": ("#b91c1c", "#fdecec"),
     "moderate": ("#b45309", "#fff4e0"),
     "low": ("#15803d", "#e9f7ee"),
+    "insufficient": ("#6d28d9", "#f3effd"),
     "unknown": ("#4b5563", "#f1f2f4"),
 }
 

@@ -1,10 +1,12 @@
 """The nightly scan: audit every new or changed checkpoint under a registry prefix.
 
 For each checkpoint (sorted by name): unchanged (audited before at this fingerprint) ->
-recorded as such; no audit data (no ``ezmia.yaml`` sidecar, no policy rule) -> skipped with
-the reason; otherwise it is locked, audited with ``ezmia.audit.audit``, indexed, judged
-against the policy and recorded in the ledger before its lock is released. A failing audit
-never stops the scan. Exit code 1 when any checkpoint fails its audit or the policy.
+recorded as such, with the earlier verdict; no audit data (no ``ezmia.yaml`` sidecar, no
+policy rule) -> skipped with the reason; otherwise it is locked, audited with
+``ezmia.audit.audit``, indexed, judged against the policy and recorded in the ledger before
+its lock is released. An audit whose verdict is "insufficient" (too few scored rows) is a
+failed audit, not a pass. A failing audit never stops the scan. Exit code 1 when any
+checkpoint fails its audit or the policy, unchanged ones included.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from ezmia import storage
 from ezmia.config import AuditConfig, parse_model
 from ezmia.errors import EzmiaError, InputError
-from ezmia.index import report_location, today, write_index
+from ezmia.index import dataset_label, index_row, report_location, today, write_index
 from ezmia.ledger import Ledger
 from ezmia.locks import LockHeld, Locks
 from ezmia.policy import Policy, judge, load_policy, read_options
@@ -107,27 +109,27 @@ def audit_config(scan: Scan, ckpt: Checkpoint) -> AuditConfig | None:
 def run_audit(scan: Scan, ckpt: Checkpoint, config: AuditConfig) -> dict:
     """Audit, index and judge one checkpoint; an error becomes a ``failed`` row."""
     from ezmia.audit import audit
-    from ezmia.index import index_row
 
     started = time.perf_counter()
     try:
         result = audit(config)
-        dataset = ", ".join(config.data or [*config.members, *config.nonmembers])
-        write_index(scan.out, [index_row(result, dataset)], scan.encryption)
+        write_index(scan.out, [index_row(result, dataset_label(config))], scan.encryption,
+                    scan.date)  # fmt: skip
     except Exception as err:  # any error: record it, keep scanning
         log.exception("%s: audit failed", ckpt.name)
         return ledger_row(scan, ckpt, "failed", reason=describe(err),
                           duration_s=time.perf_counter() - started)  # fmt: skip
     judgement = judge(result.summary, scan.policy.thresholds_for(ckpt.name))
     ez = result.summary.get("metrics", {}).get("ez_score", {})
+    level = result.summary["verdict"]["level"]
     return ledger_row(
         scan,
         ckpt,
-        "audited",
+        "failed" if level == "insufficient" else "audited",
         reason="; ".join(judgement.breaches) or None,
         report_uri=storage.join(result.out, "report.html"),
         verdict=judgement.verdict,
-        leakage=result.summary["verdict"]["level"],
+        leakage=level,
         ez_auc=ez.get("auc"),
         ez_tpr_at_1pct_fpr=ez.get("tpr_at_1pct_fpr"),
         ez_tpr_at_0_1pct_fpr=ez.get("tpr_at_0_1pct_fpr"),
@@ -168,20 +170,21 @@ def scan_checkpoint(scan: Scan, ckpt: Checkpoint) -> tuple[dict, bool]:
         lock = scan.locks.acquire(lock_key(ckpt), checkpoint=ckpt.uri)
     except LockHeld as held:
         return ledger_row(scan, ckpt, "skipped", reason=str(held)), False
-    try:
+    with scan.locks.held(lock):  # renewed while the audit runs, released after
         scan.ledger.refresh()  # a scan that held the lock before us may have finished it
         if row := unchanged(scan, ckpt):
             return row, False
         row = run_audit(scan, ckpt, config)
         scan.ledger.append([row])
         return row, True
-    finally:
-        scan.locks.release(lock)
 
 
 def is_failure(row: dict) -> bool:
-    """An audit error, or an audit of this scan over the policy's thresholds."""
-    return row["status"] == "failed" or (row["status"] == "audited" and row["verdict"] == "fail")
+    """A failed audit (an error, or too few scored rows), or a checkpoint over the policy's
+    thresholds, audited by this scan or unchanged since a failing audit."""
+    return row["status"] == "failed" or (
+        row["status"] in ("audited", "unchanged") and row["verdict"] == "fail"
+    )
 
 
 def write_alerts(scan: Scan, rows: list[dict]) -> str | None:

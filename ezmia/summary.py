@@ -8,14 +8,26 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ezmia.metrics import labelled_metrics
-from ezmia.scores import EZ_STATUSES, SCORE_COLUMNS
+from ezmia.scores import EZ_OK, EZ_STATUSES, SCORE_COLUMNS
 
-VERDICT_RULES = (
+VERDICT_RULES = (  # (level, EZ metric, limit): the first rule whose limit is exceeded wins
     ("high", "tpr_at_0_1pct_fpr", 0.05),
     ("high", "auc", 0.75),
     ("moderate", "tpr_at_1pct_fpr", 0.05),
     ("moderate", "auc", 0.6),
 )
+# The fewest scored (ez_status ok) members and non-members a verdict needs. With 20 members
+# one identified record is a TPR of 5%, the TPR limits above, so no single record can make a
+# checkpoint "high"; with 20 of each, a checkpoint that leaks nothing shows an AUC above 0.75
+# by chance in about 0.3% of audits (Mann-Whitney, normal approximation).
+MIN_SCORED_MEMBERS = 20
+MIN_SCORED_NONMEMBERS = 20
+
+
+def exceeds(value: float, limit: float) -> bool:
+    """The one boundary rule of verdict levels and policy limits: a metric breaches a limit
+    only when it is above it; a value equal to the limit stays within it."""
+    return value > limit
 
 
 def status_counts(scores: pa.Table) -> dict[str, int]:
@@ -50,12 +62,34 @@ def leakage_metrics(
     return metrics, skipped
 
 
+def scored_counts(scores: pa.Table) -> tuple[int, int]:
+    """Rows with ``ez_status`` ok among members and among non-members."""
+    ok = pc.equal(scores.column("ez_status"), EZ_OK)
+    member = pc.fill_null(scores.column("is_member").cast(pa.bool_()), False)
+    counts = [pc.sum(pc.and_(ok, m).cast(pa.int64())).as_py() for m in (member, pc.invert(member))]
+    return counts[0] or 0, counts[1] or 0
+
+
+def insufficient(members: int, nonmembers: int, status_counts: dict[str, int]) -> dict | None:
+    """The "insufficient" verdict when too few rows were scored to support one, else None."""
+    if members >= MIN_SCORED_MEMBERS and nonmembers >= MIN_SCORED_NONMEMBERS:
+        return None
+    unscored = ", ".join(f"{n} {s}" for s, n in status_counts.items() if s != EZ_OK and n)
+    return {
+        "level": "insufficient",
+        "text": f"Too few scored rows for a verdict: {members} members and {nonmembers} "
+        f"non-members were scored (ez_status ok); a verdict needs at least "
+        f"{MIN_SCORED_MEMBERS} of each. Not scored: {unscored or 'none'}. Add rows, or raise "
+        "--max-length when rows are too_few_errors or too_short.",
+    }
+
+
 def verdict(metrics: dict[str, dict]) -> dict[str, str]:
     """A plain-language verdict from the EZ metrics (the strongest attack in the paper)."""
     ez = metrics.get("ez_score")
     if not ez:
         return {"level": "unknown", "text": "No labelled EZ metrics: leakage cannot be judged."}
-    level = next((lvl for lvl, key, limit in VERDICT_RULES if ez[key] >= limit), "low")
+    level = next((lvl for lvl, key, limit in VERDICT_RULES if exceeds(ez[key], limit)), "low")
     found = (
         f"At 0.1% false positives an attacker identifies {ez['tpr_at_0_1pct_fpr']:.1%} of the "
         f"training records (AUC {ez['auc']:.3f})."
@@ -81,7 +115,10 @@ def build_summary(
         summary["metrics"], summary["metrics_skipped"] = leakage_metrics(
             scores, bootstrap_rounds, seed
         )
-        summary["verdict"] = verdict(summary["metrics"])
+        counts = summary["status_counts"]
+        summary["verdict"] = insufficient(*scored_counts(scores), counts) or verdict(
+            summary["metrics"]
+        )
     elif mode == "detection" and detection is not None:
         n_flagged = int(pc.sum(scores.column("flagged")).as_py() or 0)
         summary["detection"] = {

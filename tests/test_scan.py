@@ -19,9 +19,10 @@ import pytest
 import yaml
 
 from ezmia import storage
+from ezmia.errors import OutputError
 from ezmia.index import report_location
 from ezmia.locks import LockHeld, Locks
-from ezmia.policy import Policy, Thresholds, judge, load_policy
+from ezmia.policy import load_policy
 from ezmia.registry import discover
 from ezmia.scan import lock_key, run_scan
 from ezmia.schema import LEDGER_SCHEMA
@@ -113,7 +114,8 @@ def test_scan_audits_new_and_changed_checkpoints_once(tmp_path, registry, models
     assert statuses(out) == {"team-a/full": "unchanged", "team-a/lora": "unchanged",
                              "team-b/full": "skipped"}  # fmt: skip
 
-    shutil.copy(models.base / "model.safetensors", registry / "team-a/full/model.safetensors")
+    # new weights (a rewrite: new mtime; a copy of the base would leave nothing to score)
+    shutil.copy(models.full / "model.safetensors", registry / "team-a/full/model.safetensors")
     assert run_scan(str(registry), out, policy, "local") == 0
     third = last_scan(out)
     assert statuses(out) == {"team-a/full": "audited", "team-a/lora": "unchanged",
@@ -157,26 +159,114 @@ def test_policy_breach_exits_non_zero_and_writes_alerts(tmp_path, models, data, 
         == "fail"
     )
 
+    assert run_scan(str(registry), out, policy, "local") == 1  # still failing, though unchanged
+    assert statuses(out) == {"team-b/lora": "unchanged"}
+    (again,) = [a for a in Path(out, "alerts").glob("date=*/alerts-*.json") if a != alerts]
+    (alert,) = [json.loads(line) for line in again.read_text().splitlines()]
+    assert (alert["checkpoint"], alert["status"], alert["verdict"]) == (
+        "team-b/lora",
+        "unchanged",
+        "fail",
+    )
+
 
 def test_docs_describe_every_ledger_column():
     text = (REPO / "docs/analytics.md").read_text()
     assert [c for c in LEDGER_SCHEMA.names if f"`{c}`" not in text] == []
 
 
-def test_overrides_and_verdicts():
-    policy = Policy(
-        thresholds=Thresholds(max_auc=0.6),
-        overrides=[{"match": "prod/*", "max_tpr_at_0_1pct_fpr": 0.0},
-                   {"match": "prod/legacy/*", "max_auc": None}],
-    )  # fmt: skip
-    ez = {"auc": 0.7, "tpr_at_1pct_fpr": 0.02, "tpr_at_0_1pct_fpr": 0.01}
-    summary = {"mode": "leakage", "metrics": {"ez_score": ez}}
-    assert judge(summary, policy.thresholds_for("dev/x")).breaches == [
-        "EZ auc 0.7000 > max_auc 0.6"
-    ]
-    assert len(judge(summary, policy.thresholds_for("prod/x")).breaches) == 2
-    assert len(judge(summary, policy.thresholds_for("prod/legacy/x")).breaches) == 1
-    assert judge({"mode": "detection"}, Thresholds()).verdict == "fail"
+def index_rows(out: str) -> list[dict]:
+    result = duckdb.sql(f"SELECT * FROM read_parquet('{out}/index/*/*.parquet')")
+    return [dict(zip(result.columns, row, strict=True)) for row in result.fetchall()]
+
+
+def test_audit_with_too_few_scored_rows_is_a_failed_audit_every_scan(tmp_path, models, data):
+    registry = tmp_path / "registry"
+    add_checkpoint(registry, "short", models.lora, **data, max_length=2)  # every row too_short
+    out, policy = str(tmp_path / "out"), write_policy(tmp_path / "policy.yaml", LENIENT)
+    for _ in range(2):  # a failed audit is retried, never carried over as unchanged
+        assert run_scan(str(registry), out, policy, "local") == 1
+        row = last_scan(out)["short"]
+        assert (row["status"], row["verdict"], row["leakage"]) == ("failed", "fail", "insufficient")
+        assert "insufficient" in row["reason"]
+        assert "0 members and 0 non-members were scored" in row["reason"]
+        assert Path(row["report_uri"]).exists()
+    alerts = sorted(Path(out, "alerts").glob("date=*/alerts-*.json"))
+    assert [json.loads(a.read_text())["checkpoint"] for a in alerts] == ["short", "short"]
+    (indexed,) = index_rows(out)  # the retry rewrote its own index row
+    assert indexed["verdict"] == "insufficient" and indexed["report_uri"] == row["report_uri"]
+
+
+def test_scan_killed_between_index_and_ledger_leaves_one_index_row(tmp_path, models, data):
+    registry = tmp_path / "registry"
+    add_checkpoint(registry, "lora", models.lora, **data)
+    out, policy = tmp_path / "out", write_policy(tmp_path / "policy.yaml", LENIENT)
+    out.mkdir()
+    (out / "ledger").write_text("in the way")  # the ledger append fails: the scan dies there
+    with pytest.raises(OutputError, match="ledger"):
+        run_scan(str(registry), str(out), policy, "local")
+    assert [r["checkpoint"] for r in index_rows(str(out))] == ["lora"]
+    (out / "ledger").unlink()
+    assert run_scan(str(registry), str(out), policy, "local") == 0
+    row = last_scan(str(out))["lora"]
+    assert row["status"] == "audited"
+    (indexed,) = index_rows(str(out))
+    assert indexed["report_uri"] == row["report_uri"]
+    assert not list(Path(out, "locks").iterdir())
+
+
+class RunsCode:
+    """Unpickling this writes the marker file: pickle weights that run code when loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pickle ran')",)
+
+
+def hostile_checkpoint(registry: Path, name: str, models, marker: Path, *, pickle: bool) -> Path:
+    """A checkpoint that runs code when loaded: a LoRA adapter with pickle weights that write
+    ``marker`` when unpickled, or a full checkpoint with custom code (``auto_map`` and a
+    module that writes it when imported)."""
+    import pickle as pickle_module
+
+    folder = registry / name
+    shutil.copytree(models.lora if pickle else models.full, folder)
+    if pickle:
+        (folder / "adapter_model.safetensors").unlink()
+        (folder / "adapter_model.bin").write_bytes(pickle_module.dumps(RunsCode(marker)))
+        return folder
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "hostile.Config", "AutoModelForCausalLM": "hostile.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "hostile.py").write_text(f"open({str(marker)!r}, 'w').write('module ran')\n")
+    return folder
+
+
+def test_checkpoint_cannot_turn_on_remote_code_or_pickle_and_its_code_never_runs(
+    tmp_path, models, data
+):
+    registry, marker = tmp_path / "registry", tmp_path / "code-ran"
+    audit_data = {**TINY, **data, "reference": str(models.base)}
+    for name, pickle, key in [("remote-code", False, "trust_remote_code"),
+                              ("pickle", True, "allow_pickle")]:  # fmt: skip
+        folder = hostile_checkpoint(registry, name, models, marker, pickle=pickle)
+        (folder / "ezmia.yaml").write_text(yaml.safe_dump({**audit_data, key: True}))
+    hostile_checkpoint(registry, "remote-code-by-rule", models, marker, pickle=False)
+    policy = write_policy(tmp_path / "policy.yaml", {
+        **LENIENT, "rules": [{"match": "remote-code-by-rule", **audit_data}]})  # fmt: skip
+    out = str(tmp_path / "out")
+    assert run_scan(str(registry), out, policy, "local") == 1
+    rows = last_scan(out)
+    assert {n: r["status"] for n, r in rows.items()} == dict.fromkeys(rows, "failed")
+    for name, key in [("remote-code", "trust_remote_code"), ("pickle", "allow_pickle")]:
+        assert f"{key}: a checkpoint's sidecar may not set it, only the operator's policy" in (
+            rows[name]["reason"])  # fmt: skip
+    assert "declares custom code (auto_map)" in rows["remote-code-by-rule"]["reason"]
+    (alerts,) = Path(out, "alerts").glob("date=*/alerts-*.json")
+    assert len(alerts.read_text().splitlines()) == 3
+    assert not marker.exists()
 
 
 def test_bad_config_and_audit_errors_are_recorded_and_scan_continues(tmp_path, models, data):

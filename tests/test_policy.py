@@ -1,0 +1,92 @@
+"""The scan policy: thresholds and overrides, the pass/fail boundary (shared with the verdict),
+insufficient audits, and sidecar keys only the operator may set."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from ezmia.errors import InputError
+from ezmia.policy import METRICS, OPERATOR_ONLY, Policy, Thresholds, judge, read_options
+from ezmia.summary import VERDICT_RULES, verdict
+
+QUIET = {"auc": 0.5, "tpr_at_1pct_fpr": 0.0, "tpr_at_0_1pct_fpr": 0.0}
+
+
+def leakage(**ez: float) -> dict:
+    metrics = {"ez_score": {**QUIET, **ez}}
+    return {"mode": "leakage", "metrics": metrics, "verdict": verdict(metrics)}
+
+
+def test_overrides_apply_in_order():
+    policy = Policy(
+        thresholds=Thresholds(max_auc=0.6),
+        overrides=[{"match": "prod/*", "max_tpr_at_0_1pct_fpr": 0.0},
+                   {"match": "prod/legacy/*", "max_auc": None}],
+    )  # fmt: skip
+    summary = leakage(auc=0.7, tpr_at_1pct_fpr=0.02, tpr_at_0_1pct_fpr=0.01)
+    assert judge(summary, policy.thresholds_for("dev/x")).breaches == [
+        "EZ auc 0.7000 > max_auc 0.6"
+    ]
+    assert len(judge(summary, policy.thresholds_for("prod/x")).breaches) == 2
+    assert len(judge(summary, policy.thresholds_for("prod/legacy/x")).breaches) == 1
+    assert judge({"mode": "detection"}, Thresholds()).verdict == "fail"
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("limit", [0.0, 0.05, 0.75, 1.0])
+def test_a_metric_equal_to_its_limit_passes_and_just_above_fails(metric, limit):
+    thresholds = Thresholds(**{f"max_{m}": None for m in METRICS} | {f"max_{metric}": limit})
+    if limit > 0:
+        assert judge(leakage(**{metric: math.nextafter(limit, -1)}), thresholds).verdict == "pass"
+    assert judge(leakage(**{metric: limit}), thresholds).verdict == "pass"
+    if limit < 1:
+        above = judge(leakage(**{metric: math.nextafter(limit, 2)}), thresholds)
+        assert above.verdict == "fail" and above.breaches[0].startswith(f"EZ {metric} ")
+
+
+@pytest.mark.parametrize(("key", "limit"), [(k, v) for lvl, k, v in VERDICT_RULES if lvl == "high"])
+def test_default_policy_fails_exactly_the_high_verdicts_at_their_boundary(key, limit):
+    for value in (math.nextafter(limit, -1), limit, math.nextafter(limit, 2)):
+        summary = leakage(**{key: value})
+        high = summary["verdict"]["level"] == "high"
+        assert judge(summary, Thresholds()).verdict == ("fail" if high else "pass"), value
+    assert leakage(**{key: limit})["verdict"]["level"] != "high"
+
+
+def test_insufficient_audit_fails_the_most_lenient_policy():
+    lenient = Thresholds(**{f"max_{m}": 1.0 for m in METRICS})
+    summary = {**leakage(), "verdict": {"level": "insufficient", "text": "Too few scored rows"}}
+    judgement = judge(summary, lenient)
+    assert judgement.verdict == "fail"
+    assert judgement.breaches == ["insufficient: Too few scored rows"]
+
+
+def sidecar(tmp_path, options: dict) -> str:
+    path = tmp_path / "ezmia.yaml"
+    path.write_text(yaml.safe_dump(options))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "key", [*OPERATOR_ONLY, "trust_remote_code+allow_pickle"], ids=lambda k: k.replace(".", "-")
+)
+def test_sidecar_may_not_set_operator_only_keys(tmp_path, key):
+    options: dict = {"members": "m.parquet", "nonmembers": "n.parquet", "max_length": 32}
+    for one in key.split("+"):
+        group, _, name = one.rpartition(".")
+        (options.setdefault(group, {}) if group else options)[name] = False
+    with pytest.raises(InputError) as raised:
+        read_options(sidecar(tmp_path, options))
+    message = str(raised.value)
+    assert f"{key.replace('+', ', ')}: a checkpoint's sidecar may not set" in message
+    assert "only the operator's policy (audit_defaults or rules) or the scan's flags" in message
+
+
+def test_sidecar_of_ordinary_options_is_read(tmp_path):
+    options = read_options(sidecar(tmp_path, {"members": "./m.parquet", "nonmembers": "n.parquet",
+                                              "ray": {"rows_per_block": 8}}))  # fmt: skip
+    assert options["members"] == [str((tmp_path / "m.parquet").resolve())]
+    assert options["ray"] == {"rows_per_block": 8}
