@@ -144,12 +144,13 @@ def _open(uri: str) -> pq.ParquetFile:
         return pq.ParquetFile(fs.open_input_file(path))
 
 
-def _open_unless_empty(uri: str) -> pq.ParquetFile | None:
-    """The Parquet file at ``uri``, or ``None`` when it has 0 bytes."""
+def _footer(uri: str, skip_empty: bool) -> pq.FileMetaData | None:
+    """The Parquet footer of ``uri``, without keeping the file open; ``None`` for a 0-byte
+    file when ``skip_empty``."""
     with _reading(uri):
         fs, path = storage.arrow_filesystem(uri)
-        source = fs.open_input_file(path)
-        return pq.ParquetFile(source) if source.size() else None
+        with fs.open_input_file(path) as source:
+            return None if skip_empty and not source.size() else pq.read_metadata(source)
 
 
 def _value_type(data_type: pa.DataType) -> pa.DataType:
@@ -244,7 +245,7 @@ def plan_fragments(
     file reached from both a member and a non-member dataset is refused. Under a directory
     or prefix, 0-byte and 0-row files are skipped; 0-row row groups never make fragments.
     """
-    opened: list[tuple[str, pq.ParquetFile, bool | None]] = []
+    opened: list[tuple[str, pq.FileMetaData, bool | None]] = []
     seen: dict[str, tuple[bool | None, str]] = {}
     for dataset_index, uri in enumerate(uris):
         label = labels[dataset_index] if labels else None
@@ -252,10 +253,10 @@ def plan_fragments(
         kept = 0
         for file in files:
             _check_one_side(file, label, uri, seen)
-            meta = _open(file) if explicit else _open_unless_empty(file)
-            if meta is None or (not explicit and meta.metadata.num_rows == 0):
+            meta = _footer(file, skip_empty=not explicit)
+            if meta is None or (not explicit and meta.num_rows == 0):
                 continue
-            check_schema(file, meta.schema_arrow, columns)
+            check_schema(file, meta.schema.to_arrow_schema(), columns)
             opened.append((file, meta, label))
             kept += 1
         if not kept:
@@ -264,15 +265,17 @@ def plan_fragments(
                 "point at the folder that holds the data"
             )
     id_type = None
-    if columns.id and opened:
-        types = [(file, meta.schema_arrow.field(columns.id).type) for file, meta, _ in opened]
+    with_rows = [(file, meta) for file, meta, _ in opened if meta.num_rows]
+    if columns.id and with_rows:
+        schemas = [(file, meta.schema.to_arrow_schema()) for file, meta in with_rows]
+        types = [(file, schema.field(columns.id).type) for file, schema in schemas]
         id_type = str(unify_id_types(types, columns.id))
     fragments: list[Fragment] = []
     offset = 0
     for file, meta, label in opened:
         file_offset = 0
-        for group in range(meta.metadata.num_row_groups):
-            rows = meta.metadata.row_group(group).num_rows
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
             if rows:
                 fragments.append(Fragment(file, group, offset, rows, label, file_offset, id_type))
             offset += rows
