@@ -1,52 +1,163 @@
-"""Metrics agree with scikit-learn and the paper's interpolation."""
+"""Metrics against hand-built ROC curves with known answers, bootstrap intervals against
+``np.percentile`` of the same resamples, and the detection threshold on small exact arrays."""
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import roc_auc_score
 
-from ezmia.metrics import detection_threshold, labelled_metrics, point_metrics, tpr_at_fpr
+from ezmia.metrics import (
+    FPR_POINTS,
+    bootstrap_intervals,
+    detection_threshold,
+    labelled_metrics,
+    point_metrics,
+    tpr_at_fpr,
+)
+
+KEYS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
 
 
 @pytest.fixture
-def separable_data():
-    rng = np.random.default_rng(1)
-    labels = np.r_[np.ones(500, bool), np.zeros(500, bool)]
-    scores = np.r_[rng.normal(1.0, 1.0, 500), rng.normal(0.0, 1.0, 500)]
-    return labels, scores
+def hand_roc():
+    """200 non-members and 10 members whose ROC curve is known by hand.
+
+    Non-members score 199, 198, 198, 196, 195, ..., 0. Members: four at 1000 (above every
+    non-member), two tied with the non-member at 199, two tied with the two at 198, two at -1
+    (below all). The curve's corners: (0, 0.4), (1/200, 0.6), (3/200, 0.8), (1, 0.8), (1, 1).
+    """
+    nonmembers = np.r_[199.0, 198.0, 198.0, np.arange(196.0, -1.0, -1.0)]
+    members = np.r_[[1000.0] * 4, [199.0] * 2, [198.0] * 2, [-1.0] * 2]
+    assert nonmembers.shape == (200,)
+    labels = np.r_[np.ones(10, bool), np.zeros(200, bool)]
+    return labels, np.r_[members, nonmembers]
 
 
-def test_auc_equals_scikit_learn(separable_data):
-    labels, scores = separable_data
-    assert point_metrics(labels, scores)["auc"] == pytest.approx(roc_auc_score(labels, scores))
+def test_fpr_points_are_one_and_a_tenth_percent():
+    assert FPR_POINTS == {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
 
 
-def test_tpr_at_fpr_interpolates_the_roc_curve(separable_data):
-    labels, scores = separable_data
-    fpr, tpr, _ = roc_curve(labels, scores)
-    assert tpr_at_fpr(labels, scores, 0.01) == pytest.approx(np.interp(0.01, fpr, tpr))
-    assert point_metrics(labels, scores)["tpr_at_0_1pct_fpr"] == pytest.approx(
-        np.interp(0.001, fpr, tpr)
-    )
+def test_auc_of_a_hand_built_roc_counts_ties_as_half(hand_roc):
+    # Pairs won: 4 x 200 + 2 x (199 + 0.5) + 2 x (197 + 2 x 0.5) = 1595 of 10 x 200.
+    assert point_metrics(*hand_roc)["auc"] == pytest.approx(1595 / 2000, abs=1e-12)
 
 
-def test_bootstrap_intervals_bracket_the_point_estimate(separable_data):
-    labels, scores = separable_data
-    m = labelled_metrics(labels, scores, bootstrap_rounds=100)
-    low, high = m["auc_ci95"]
-    assert low < m["auc"] < high
-    assert m["n"] == 1000 and m["n_members"] == 500
+def test_tpr_at_one_percent_fpr_interpolates_between_roc_corners(hand_roc):
+    # Between (0.005, 0.6) and (0.015, 0.8): halfway.
+    assert point_metrics(*hand_roc)["tpr_at_1pct_fpr"] == pytest.approx(0.7, abs=1e-12)
+    assert tpr_at_fpr(*hand_roc, 0.01) == pytest.approx(0.7, abs=1e-12)
 
 
-def test_metrics_ignore_rows_without_a_finite_score(separable_data):
-    labels, scores = separable_data
-    scores = scores.copy()
-    scores[:10] = np.nan
+def test_tpr_at_a_tenth_percent_fpr_interpolates_from_the_zero_fpr_corner(hand_roc):
+    # Between (0, 0.4) and (0.005, 0.6): a fifth of the way.
+    assert point_metrics(*hand_roc)["tpr_at_0_1pct_fpr"] == pytest.approx(0.44, abs=1e-12)
+
+
+def test_tpr_read_exactly_on_a_corner(hand_roc):
+    assert tpr_at_fpr(*hand_roc, 0.015) == pytest.approx(0.8, abs=1e-12)
+    assert tpr_at_fpr(*hand_roc, 0.0) == pytest.approx(0.4, abs=1e-12)
+    assert tpr_at_fpr(*hand_roc, 0.5) == pytest.approx(0.8, abs=1e-12)  # flat to (1, 0.8)
+
+
+def test_perfect_separation_gives_one_everywhere_with_a_degenerate_interval():
+    labels = np.r_[np.ones(5, bool), np.zeros(5, bool)]
+    scores = np.r_[np.arange(10.0, 15.0), np.arange(5.0)]
+    m = labelled_metrics(labels, scores, bootstrap_rounds=30)
+    assert {k: m[k] for k in KEYS} == {k: 1.0 for k in KEYS}
+    for k in KEYS:
+        assert m[f"{k}_ci95"] == pytest.approx([1.0, 1.0], abs=1e-12)
+
+
+def test_inverted_scores_give_auc_zero():
+    labels = np.r_[np.ones(5, bool), np.zeros(5, bool)]
+    scores = np.r_[np.arange(5.0), np.arange(10.0, 15.0)]
+    m = point_metrics(labels, scores)
+    assert (m["auc"], m["tpr_at_1pct_fpr"], m["tpr_at_0_1pct_fpr"]) == (0.0, 0.0, 0.0)
+
+
+def test_labelled_metrics_report_every_key_and_counts(hand_roc):
+    m = labelled_metrics(*hand_roc, bootstrap_rounds=5)
+    assert set(m) == {"n", "n_members", *KEYS, *(f"{k}_ci95" for k in KEYS)}
+    assert (m["n"], m["n_members"]) == (210, 10)
+    assert m["auc"] == pytest.approx(0.7975, abs=1e-12)
+    assert m["tpr_at_1pct_fpr"] == pytest.approx(0.7, abs=1e-12)
+    assert m["tpr_at_0_1pct_fpr"] == pytest.approx(0.44, abs=1e-12)
+
+
+def resampled_metrics(labels, scores, rounds, seed):
+    """The bootstrap's resamples drawn again (same generator, same order), each scored with
+    scikit-learn's AUC and the ROC read at each FPR point; one-class resamples skipped."""
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {k: [] for k in KEYS}
+    for _ in range(rounds):
+        pick = rng.integers(0, labels.shape[0], labels.shape[0])
+        if len(set(labels[pick].tolist())) < 2:
+            continue
+        values["auc"].append(roc_auc_score(labels[pick], scores[pick]))
+        for name, fpr in FPR_POINTS.items():
+            values[name].append(tpr_at_fpr(labels[pick], scores[pick], fpr))
+    return values
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_bootstrap_interval_is_the_central_95_percent_of_the_resamples(hand_roc, seed):
+    labels, scores = hand_roc
+    m = labelled_metrics(labels, scores, bootstrap_rounds=60, seed=seed)
+    for name, values in resampled_metrics(labels, scores, 60, seed).items():
+        assert len(values) == 60
+        expected = np.percentile(values, [2.5, 97.5])
+        np.testing.assert_allclose(m[f"{name}_ci95"], expected, rtol=0, atol=1e-12)
+        assert not np.allclose(np.percentile(values, [5, 95]), expected)  # the level matters
+
+
+def test_bootstrap_skips_resamples_with_one_class():
+    # One member in six rows: about a third of the resamples hold no member.
+    labels = np.array([1, 0, 0, 0, 0, 0], bool)
+    scores = np.array([0.5, 0.1, 0.9, 0.2, 0.3, 0.4])
+    values = resampled_metrics(labels, scores, 100, 3)
+    assert 40 < len(values["auc"]) < 90
+    intervals = bootstrap_intervals(labels, scores, 100, seed=3)
+    np.testing.assert_allclose(intervals["auc"], np.percentile(values["auc"], [2.5, 97.5]))
+
+
+def test_bootstrap_interval_level_is_a_parameter(hand_roc):
+    labels, scores = hand_roc
+    values = resampled_metrics(labels, scores, 40, 1)["auc"]
+    interval = bootstrap_intervals(labels, scores, 40, seed=1, level=0.8)["auc"]
+    np.testing.assert_allclose(interval, np.percentile(values, [10, 90]), atol=1e-12)
+
+
+def test_metrics_ignore_rows_without_a_finite_score(hand_roc):
+    labels, scores = hand_roc
+    scores = np.r_[scores, np.nan, np.inf, -np.inf]
+    labels = np.r_[labels, True, False, True]
     m = labelled_metrics(labels, scores, bootstrap_rounds=0)
-    assert m["n"] == 990
-    assert m["auc"] == pytest.approx(roc_auc_score(labels[10:], scores[10:]))
+    assert (m["n"], m["n_members"]) == (210, 10)
+    assert m["auc"] == pytest.approx(0.7975, abs=1e-12)
+
+
+def test_integer_labels_count_as_membership():
+    labels = np.array([1, 1, 0, 0])
+    m = labelled_metrics(labels, np.array([4.0, 1.0, 2.0, 3.0]), bootstrap_rounds=0)
+    assert (m["n_members"], m["auc"]) == (2, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("calibration", "fpr", "threshold"),
+    [
+        ([1.0, 2.0, 3.0, 4.0, 5.0], 0.25, 4.0),  # quantile 0.75 lands on the 4th value
+        ([1.0, 2.0, 3.0, 4.0, 5.0], 0.125, 4.5),  # quantile 0.875: halfway from 4 to 5
+        ([0.0, 1.0, 1.0, 1.0, 2.0], 0.5, 1.0),  # median inside a run of ties
+        ([0.0, 1.0, 1.0, 1.0, 2.0], 0.1, 1.6),  # quantile 0.9: 60% of the way from 1 to 2
+        ([3.0, 3.0, 3.0, 3.0], 0.01, 3.0),  # all tied
+        ([np.nan, 0.0, 1.0, 2.0, np.inf, 3.0, 4.0], 0.25, 3.0),  # non-finite ignored
+    ],
+)
+def test_detection_threshold_on_small_exact_arrays(calibration, fpr, threshold):
+    assert detection_threshold(np.array(calibration), fpr) == pytest.approx(threshold, abs=1e-12)
 
 
 def test_detection_threshold_lets_through_the_chosen_fraction_of_non_members():
-    calibration = np.arange(1000, dtype=float)
+    calibration = np.arange(1001, dtype=float)
     threshold = detection_threshold(calibration, fpr=0.01)
-    assert (calibration > threshold).mean() == pytest.approx(0.01, abs=0.001)
+    assert threshold == pytest.approx(990.0)
+    assert (calibration > threshold).sum() == 10

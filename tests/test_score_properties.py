@@ -149,7 +149,7 @@ def test_a_non_finite_error_zone_shift_gets_its_own_status(bad, which):
     lp_t, lp_r = [-1.0, -2.0, -1.0, -3.0], [-2.0, -1.0, -2.0, -2.0]
     (lp_t if which == "target" else lp_r)[2] = bad
     result = ez(lp_t, lp_r, [False] * 4)
-    assert (result.score, result.status) == (0.0, EZ_NON_FINITE)
+    assert (result.score, result.status, result.n_errors) == (0.0, EZ_NON_FINITE, 3)
 
 
 def test_non_finite_values_outside_the_error_zone_do_not_matter():

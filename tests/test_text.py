@@ -1,0 +1,98 @@
+"""Tokenizing texts for scoring: truncation at ``max_length``, the zlib size of the kept text,
+hashes of the whole text, and texts without tokens (real tokenizer of the test models)."""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+import pytest
+
+from ezmia.errors import ModelError
+from ezmia.text import load_tokenizer, text_hash, tokenize
+
+WORDS = " ".join(f"word{i}" for i in range(60))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(models):
+    return load_tokenizer(models.tokenizer)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def zsize(text: str) -> int:
+    return len(zlib.compress(text.encode("utf-8")))
+
+
+def kept_prefix(tokenizer, text: str, ids: list[int]) -> str:
+    """The shortest prefix of ``text`` that tokenizes to exactly ``ids``."""
+    return next(text[:end] for end in range(len(text) + 1) if encode(tokenizer, text[:end]) == ids)
+
+
+def test_long_text_is_cut_to_max_length_tokens_and_zlib_measures_the_kept_part(tokenizer):
+    full = encode(tokenizer, WORDS)
+    assert len(full) > 40
+    tokens = tokenize(tokenizer, [WORDS], max_length=10)
+    assert tokens.input_ids == [full[:10]]
+    assert tokens.truncated == [True]
+    kept = kept_prefix(tokenizer, WORDS, full[:10])
+    assert WORDS.startswith(kept) and len(kept) < len(WORDS) // 3
+    assert tokens.zlib_size == [zsize(kept)]
+    assert tokens.zlib_size[0] < zsize(WORDS)
+    assert tokens.text_sha256 == [hashlib.sha256(WORDS.encode()).hexdigest()]  # whole text
+
+
+@pytest.mark.parametrize("extra", [-1, 0, 1])
+def test_truncation_starts_one_token_past_max_length(tokenizer, extra):
+    full = encode(tokenizer, WORDS)
+    max_length = len(full) - extra
+    tokens = tokenize(tokenizer, [WORDS], max_length)
+    assert tokens.input_ids == [full[:max_length]]
+    assert tokens.truncated == [extra > 0]
+    expected = zsize(WORDS) if extra <= 0 else zsize(kept_prefix(tokenizer, WORDS, full[:-1]))
+    assert tokens.zlib_size == [expected]
+
+
+def test_zlib_of_truncated_non_ascii_text_counts_utf8_bytes_of_the_kept_characters(tokenizer):
+    text = "é" * 30 + " ünïcödé " * 10
+    full = encode(tokenizer, text)
+    tokens = tokenize(tokenizer, [text], max_length=len(full) // 2)
+    kept = kept_prefix(tokenizer, text, full[: len(full) // 2])
+    assert tokens.truncated == [True]
+    assert tokens.zlib_size == [zsize(kept)]
+
+
+def test_texts_without_tokens_give_no_ids_and_zero_zlib_size(tokenizer):
+    tokens = tokenize(tokenizer, [None, "", "  \n\t", "x", "Return the"], max_length=8)
+    assert tokens.input_ids == [[], [], [], encode(tokenizer, "x"), encode(tokenizer, "Return the")]
+    assert [len(ids) for ids in tokens.input_ids] == [0, 0, 0, 1, 2]
+    assert tokens.truncated == [False] * 5
+    assert tokens.zlib_size == [0, 0, 0, zsize("x"), zsize("Return the")]
+    assert tokens.text_sha256[0] is None
+    assert tokens.text_sha256[1] == hashlib.sha256(b"").hexdigest()
+
+
+def test_rows_keep_their_order_around_texts_without_tokens(tokenizer):
+    texts = ["", "alpha beta", None, "gamma"]
+    tokens = tokenize(tokenizer, texts, max_length=64)
+    assert tokens.input_ids == [[], encode(tokenizer, "alpha beta"), [], encode(tokenizer, "gamma")]
+    assert tokens.text_sha256 == [text_hash(t) for t in texts]
+
+
+def test_no_special_tokens_are_added(tokenizer):
+    ids = tokenize(tokenizer, ["Return the"], max_length=8).input_ids[0]
+    assert ids == tokenizer("Return the", add_special_tokens=False)["input_ids"]
+    assert not set(ids) & set(tokenizer.all_special_ids)
+
+
+def test_text_hash_is_sha256_of_utf8():
+    assert text_hash("é") == hashlib.sha256("é".encode()).hexdigest()
+    assert text_hash(None) is None
+
+
+def test_a_folder_without_a_tokenizer_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match=str(tmp_path)):
+        load_tokenizer(tmp_path)
