@@ -4,6 +4,9 @@ Builds (once, cached) a tokenizer, a small GPT-2 base, a full fine-tune and a Lo
 fine-tune on Python's own docstrings, audits both targets and prints the table. With
 ``--data-uri s3://...`` and a Ray cluster (``RAY_ADDRESS``), the models and data are staged
 in S3 and the audits run as a ``ray job submit`` of ``jobs/audit.py``, as in production.
+The job gets its S3 credentials from the cluster's own chain (the nodes' environment, an
+instance or pod role), never from the submitting shell: a runtime environment is visible to
+anyone who can run ``ray job list``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from ezmia.models import default_cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
 SCORES = ("ez_score", "loss", "ref_ratio", "zlib", "min_k", "min_k_pp")
+JOB_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+           "EZMIA_CACHE")  # fmt: skip
+"""The only variables a demo job takes from the submitting shell: none is a secret."""
 LABELS = {
     "ez_score": "EZ-MIA",
     "loss": "LOSS",
@@ -77,19 +83,24 @@ def stage(built: DemoArtifacts, data_uri: str) -> dict[str, str]:
     return staged
 
 
-def submit(config_uri: str, timeout_s: float = 1200) -> None:
-    """``ray job submit`` of jobs/audit.py to the cluster at ``RAY_ADDRESS``; waits for it."""
+def job_runtime_env() -> dict:
+    """The demo job's runtime environment: the code and the ``JOB_ENV`` settings set here."""
+    return {
+        "working_dir": str(REPO),
+        "env_vars": {k: os.environ[k] for k in JOB_ENV if k in os.environ},
+        "excludes": [".venv", ".cache", ".git", "demo-out", "*.parquet"],
+    }
+
+
+def submit(config_uri: str, timeout_s: float = 1200) -> str:
+    """``ray job submit`` of jobs/audit.py to the cluster at ``RAY_ADDRESS``; waits for it
+    and returns its submission id."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "EZMIA_CACHE"}
     job = client.submit_job(
         entrypoint=f"{sys.executable} jobs/audit.py --config {config_uri}",
-        runtime_env={
-            "working_dir": str(REPO),
-            "env_vars": env,
-            "excludes": [".venv", ".cache", ".git", "demo-out", "*.parquet"],
-        },
+        runtime_env=job_runtime_env(),
     )
     print(f"submitted Ray job {job}")
     deadline = time.time() + timeout_s
@@ -101,6 +112,7 @@ def submit(config_uri: str, timeout_s: float = 1200) -> None:
     print(client.get_job_logs(job)[-2000:])
     if status != JobStatus.SUCCEEDED:
         raise RuntimeError(f"Ray job {job} ended {status}")
+    return job
 
 
 def table(summaries: dict[str, dict]) -> str:
