@@ -72,14 +72,17 @@ class Fragment:
 
 
 def _side_file(relative: str) -> bool:
-    """Whether a path below a dataset root is something tools leave beside the data: a
-    ``_*`` or ``.*`` name at any depth (``_SUCCESS``, ``_committed_*``, ``._part-0.parquet``,
-    ``.hidden/``), a ``*.crc`` checksum or an S3 folder marker (``prefix/``, ``x_$folder$``)."""
-    parts = relative.split("/")
+    """Whether a path below a dataset root is something tools leave beside the data, as
+    Spark's reader sees it: a ``.*`` name or a ``_*`` name that is not a partition
+    (``_SUCCESS``, ``_committed_*``, ``_temporary/``, ``._part-0.parquet``, ``.hidden/``; but
+    ``_day=1/`` is data) at any depth, a ``*.crc`` checksum or an S3 folder marker
+    (``prefix/``, ``x_$folder$``)."""
     return (
         not relative
         or relative.endswith(("/", ".crc", "_$folder$"))
-        or any(p.startswith(("_", ".")) for p in parts)
+        or any(
+            p.startswith(".") or (p.startswith("_") and "=" not in p) for p in relative.split("/")
+        )
     )
 
 

@@ -104,6 +104,13 @@ def test_spark_folder_plans_only_its_data_rows(tmp_path):
     assert _ids(fragments) == ids
 
 
+def test_partition_folders_starting_with_underscore_are_data(tmp_path):
+    data = tmp_path / "data"
+    _write(data / "_day=1" / "part-0.parquet", pa.array([0, 1], pa.int64()))
+    _write(data / "_day=1" / "_temporary" / "part-0.parquet", pa.array([5, 6], pa.int64()))
+    assert _ids(plan_fragments([str(data)], LABELLED)) == [0, 1]
+
+
 def test_default_ids_are_global_row_numbers_across_files_and_row_groups(tmp_path):
     data, ids = _spark_folder(tmp_path)
     fragments = plan_fragments([str(data)], Columns("text", None, "is_member"))
