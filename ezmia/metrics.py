@@ -3,6 +3,8 @@ detection threshold for unlabelled candidates. Pure math, no I/O."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FPR_POINTS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
@@ -71,3 +73,42 @@ def detection_threshold(calibration_scores: np.ndarray, fpr: float) -> float:
     """The score above which a known non-member falls with probability ``fpr``."""
     finite = calibration_scores[np.isfinite(calibration_scores)]
     return float(np.quantile(finite, 1.0 - fpr))
+
+
+def min_nonmembers(fpr: float) -> int:
+    """The fewest non-members at which a false-positive rate of ``fpr`` can be observed."""
+    return math.ceil(1 / fpr - 1e-9)
+
+
+def exact_interval(successes: int, trials: int, level: float = 0.95) -> list[float]:
+    """Clopper-Pearson (exact binomial) interval of a rate; each tail holds (1-level)/2."""
+    from scipy.stats import beta
+
+    tail = (1 - level) / 2
+    low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
+    high = (
+        1.0 if successes == trials else float(beta.ppf(1 - tail, successes + 1, trials - successes))
+    )
+    return [low, high]
+
+
+def operating_point(labels: np.ndarray, scores: np.ndarray, fpr: float) -> dict[str, object]:
+    """The attack that flags ``score > threshold`` with at most ``fpr`` of the non-members
+    flagged: its threshold, counts, and exact 95% intervals of its TPR and FPR."""
+    negatives = np.sort(scores[~labels])[::-1]
+    allowed = math.floor(fpr * len(negatives) + 1e-9)  # false positives the rate permits
+    threshold = float(negatives[allowed]) if allowed < len(negatives) else -math.inf
+    tp = int((scores[labels] > threshold).sum())
+    fp = int((negatives > threshold).sum())
+    n_members, n_nonmembers = int(labels.sum()), len(negatives)
+    return {
+        "threshold": threshold,
+        "tp": tp,
+        "n_members": n_members,
+        "fp": fp,
+        "n_nonmembers": n_nonmembers,
+        "tpr": tp / n_members,
+        "tpr_exact_ci95": exact_interval(tp, n_members),
+        "fpr": fp / n_nonmembers,
+        "fpr_exact_ci95": exact_interval(fp, n_nonmembers),
+    }
