@@ -30,7 +30,7 @@ from ezmia.errors import EzmiaError, InputError
 from ezmia.index import dataset_label, index_row, report_location, today, write_index
 from ezmia.ledger import Ledger
 from ezmia.locks import LockHeld, Locks
-from ezmia.policy import Policy, judge, load_policy, read_options
+from ezmia.policy import METRICS, Policy, Thresholds, judge, load_policy, read_options
 from ezmia.registry import SIDECAR, Checkpoint, discover
 from ezmia.schema import LEDGER_SCHEMA, LEDGER_STATUSES, SCHEMA_VERSION
 
@@ -83,11 +83,19 @@ def ledger_row(scan: Scan, ckpt: Checkpoint, status: str, **fields) -> dict:
     }
 
 
-def carried_over(previous: dict) -> dict:
-    """The verdict, report and metrics of an earlier audit, for an unchanged checkpoint."""
+def carried_over(previous: dict, thresholds: Thresholds) -> dict:
+    """The report and metrics of an earlier audit, for an unchanged checkpoint, judged again
+    against today's thresholds (the policy may have changed since)."""
     keys = ("report_uri", "verdict", "leakage", "ez_auc", "ez_tpr_at_1pct_fpr",
             "ez_tpr_at_0_1pct_fpr")  # fmt: skip
-    return {k: previous[k] for k in keys} | {"reason": f"audited by scan {previous['scan_id']}"}
+    row = {k: previous[k] for k in keys} | {"reason": f"audited by scan {previous['scan_id']}"}
+    if previous["ez_auc"] is None:
+        return row  # no leakage metrics to judge again: the earlier verdict stands
+    ez = {metric: previous[f"ez_{metric}"] for metric in METRICS}
+    summary = {"metrics": {"ez_score": ez}, "verdict": {"level": previous["leakage"]}}
+    judgement = judge(summary, thresholds)
+    reason = "; ".join([row["reason"], *judgement.breaches])
+    return row | {"verdict": judgement.verdict, "reason": reason}
 
 
 def audit_config(scan: Scan, ckpt: Checkpoint) -> AuditConfig | None:
@@ -151,7 +159,10 @@ def describe(err: Exception) -> str:
 def unchanged(scan: Scan, ckpt: Checkpoint) -> dict | None:
     """An ``unchanged`` row when some scan already audited this checkpoint as it is now."""
     previous = scan.ledger.last_audit(ckpt.uri, ckpt.fingerprint)
-    return ledger_row(scan, ckpt, "unchanged", **carried_over(previous)) if previous else None
+    if previous is None:
+        return None
+    thresholds = scan.policy.thresholds_for(ckpt.name)
+    return ledger_row(scan, ckpt, "unchanged", **carried_over(previous, thresholds))
 
 
 def scan_checkpoint(scan: Scan, ckpt: Checkpoint) -> tuple[dict, bool]:

@@ -168,6 +168,13 @@ def test_policy_breach_exits_non_zero_and_writes_alerts(tmp_path, models, data, 
         "unchanged",
         "fail",
     )
+    assert "max_auc" in alert["reason"]
+
+    rule = {"match": "team-b/*", **TINY, **data}
+    lenient = write_policy(tmp_path / "policy.yaml", {**LENIENT, "rules": [rule]})
+    assert run_scan(str(registry), out, lenient, "local") == 0  # judged by today's policy
+    (row,) = last_scan(out).values()
+    assert (row["status"], row["verdict"]) == ("unchanged", "pass")
 
 
 def test_docs_describe_every_ledger_column():
