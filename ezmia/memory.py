@@ -109,11 +109,11 @@ class MemoryPlan:
     kv_cache_bytes: int
 
     def engine_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``vllm.LLM``."""
+        """Keyword arguments for ``vllm.LLM`` (chunked prefill, vLLM's default, splits longer
+        prompts across steps; ``max_num_seqs`` must stay <= ``max_num_batched_tokens``)."""
         return {
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "max_num_batched_tokens": self.max_num_batched_tokens,
-            "max_num_seqs": min(256, self.max_num_batched_tokens),
         }
 
 

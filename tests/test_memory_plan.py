@@ -145,10 +145,6 @@ def test_incomplete_config_is_refused_naming_the_missing_key():
                     gpu_memory_bytes=80 * GIB, max_model_len=8192)  # fmt: skip
 
 
-def test_engine_args_bound_sequences_by_the_step():
+def test_engine_args_are_the_two_planned_vllm_settings():
     plan = _plan("8B", GPUS["24GB"], 1)
-    assert plan.engine_args() == {
-        "gpu_memory_utilization": 0.79,
-        "max_num_batched_tokens": 2048,
-        "max_num_seqs": 256,
-    }
+    assert plan.engine_args() == {"gpu_memory_utilization": 0.79, "max_num_batched_tokens": 2048}
