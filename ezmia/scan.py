@@ -1,12 +1,12 @@
 """The nightly scan: audit every new or changed checkpoint under a registry prefix.
 
 For each checkpoint (sorted by name): unchanged (audited before at this fingerprint) ->
-recorded as such, with the earlier verdict; no audit data (no ``ezmia.yaml`` sidecar, no
-policy rule) -> skipped with the reason; otherwise it is locked, audited with
-``ezmia.audit.audit``, indexed, judged against the policy and recorded in the ledger before
-its lock is released. An audit whose verdict is "insufficient" (too few scored rows) is a
-failed audit, not a pass. A failing audit never stops the scan. Exit code 1 when any
-checkpoint fails its audit or the policy, unchanged ones included.
+recorded as such, its earlier metrics judged against today's thresholds; no audit data (no
+``ezmia.yaml`` sidecar, no policy rule) -> skipped with the reason; otherwise it is locked,
+audited with ``ezmia.audit.audit``, indexed, judged against the policy and recorded in the
+ledger before its lock is released. An audit whose verdict is "insufficient" (too few scored
+rows) is a failed audit, not a pass. A failing audit never stops the scan. Exit code 1 when
+any checkpoint fails its audit or the policy, unchanged ones included.
 """
 
 from __future__ import annotations
