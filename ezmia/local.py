@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ezmia import outputs
-from ezmia.audit import AuditPlan, open_backend
+from ezmia.audit import AuditPlan, job_server_address, open_backend
+from ezmia.backends import check_device
+from ezmia.config import AuditConfig
 from ezmia.io import Fragment, normalize, read_fragment
 from ezmia.scoring import score_tokenized, tokenize_rows
 from ezmia.text import load_tokenizer
 
 ROWS_PER_CHUNK = 512
+
+log = logging.getLogger(__name__)
+
+
+def check_local(config: AuditConfig) -> None:
+    """Refuse a ``--device`` this machine lacks, and say why an http ``RAY_ADDRESS`` (a job
+    server's, as ``infra/local/env.sh`` sets it) does not send ``--engine auto`` to Ray."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if config.engine == "auto" and job_server_address(address):
+        log.warning(
+            "RAY_ADDRESS=%s is a Ray job server (for `ray job submit`), not a cluster to join: "
+            "scoring in this process. To score on the cluster, submit jobs/audit.py with `ray "
+            "job submit`, or pass --engine ray --ray-address HOST:6379 (the GCS address)",
+            address,
+        )
+    check_device(config.device)
 
 
 class LocalEngine:

@@ -7,6 +7,11 @@ The driver then gets the score columns only (never texts) for the summary and re
 Scoring actors are restarted by Ray Data when they die and their batches retried; parts are
 written (one task per block, where the block lives, with the audit's S3 encryption) only
 after every block is materialized, so each input row appears exactly once.
+
+Before any data is read, ``connect`` joins the cluster and refuses what it cannot run: a job
+server's http address, an address nothing answers on, actors no alive node can host, more
+``min_actors`` than fit at once, a ``--device`` the actors will not see. An error raised on
+the cluster reaches the user as one line (``cluster_error``).
 """
 
 from __future__ import annotations
@@ -15,14 +20,19 @@ import dataclasses
 import functools
 import logging
 import math
+import os
+import re
+import socket
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
 
-from ezmia import outputs, storage
-from ezmia.audit import AuditPlan, open_backend, resolve_models
-from ezmia.backends import BackendOptions, why_not_vllm
-from ezmia.config import AuditConfig
+from ezmia import errors, outputs, storage
+from ezmia.audit import AuditPlan, job_server_address, open_backend, resolve_models
+from ezmia.backends import BackendOptions, parse_device, why_not_vllm
+from ezmia.config import AuditConfig, RayOptions
+from ezmia.errors import EzmiaError, InputError
 from ezmia.io import Columns, Fragment, normalize, read_fragment
 from ezmia.scoring import score_tokenized, tokenize_rows
 from ezmia.text import load_tokenizer
@@ -66,18 +76,199 @@ class BlockScorer:
         return score_tokenized(rows, self.backend, self.include_text, self.threshold)
 
 
+PROBE_TIMEOUT_S = 10.0
+"""How long a cluster address may take to accept a TCP connection (``ray.init`` itself
+retries an address nothing answers on for minutes)."""
+
+_HOST_PORT = re.compile(r"^(?:ray://)?\[?(?P<host>[^\]/]+?)\]?:(?P<port>\d+)/?$")
+
+
+def connect(config: AuditConfig) -> None:
+    """Join the Ray cluster (``--ray-address``, else ``RAY_ADDRESS``, else a new local one)
+    and refuse an audit its alive nodes cannot run, before any model or data is read."""
+    import ray
+
+    if not ray.is_initialized():
+        address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
+        flag = (
+            f"--ray-address {address}"
+            if config.ray.address
+            else f"RAY_ADDRESS={address}"
+            if address
+            else "a new local Ray instance (no --ray-address or RAY_ADDRESS)"
+        )
+        if address and job_server_address(address):
+            raise InputError(
+                f"{flag}: this is a Ray job server's address (the dashboard's, which "
+                "`ray job submit` takes), not a cluster to join: pass --ray-address HOST:6379 "
+                "(the head's GCS address), submit jobs/audit.py with `ray job submit`, or use "
+                "--engine local"
+            )
+        if address:
+            _probe(address, flag)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError...
+            reason = " ".join(str(err).split())[:300]
+            raise InputError(
+                f"{flag}: cannot join the Ray cluster ({reason}); check the address "
+                "and that the cluster is up"
+            ) from err
+    check_resources(config.ray, config.device, ray.nodes())
+
+
+def _probe(address: str, flag: str) -> None:
+    """Refuse at once a ``host:port`` address that accepts no TCP connection."""
+    match = _HOST_PORT.match(address.strip())
+    if match is None:
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        socket.create_connection((match["host"], int(match["port"])), PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        raise InputError(
+            f"{flag}: no Ray cluster answers there ({err.strerror or err}); start the "
+            "cluster or fix the address (the head's GCS address, HOST:6379)"
+        ) from err
+
+
+def check_resources(options: RayOptions, device: str, nodes: list[dict]) -> None:
+    """Refuse scoring actors no alive node can host, more ``min_actors`` than the nodes host at
+    once, and a ``--device`` the actors will not see. ``nodes`` is ``ray.nodes()``; nodes an
+    autoscaler has not started yet are not counted (the message says so)."""
+    cpus, gpus = options.cpus_per_actor, options.gpus_per_actor
+    if gpus > 1 and not float(gpus).is_integer():
+        raise InputError(
+            f"--ray-gpus-per-actor {gpus:g}: Ray grants more than one GPU only in whole GPUs; "
+            "use a whole number, or a fraction below 1 to share a GPU"
+        )
+    _check_actor_device(device, gpus)
+    shapes = [
+        (n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+        for n in nodes
+        if n.get("Alive")
+    ]
+    counted = _describe_nodes(shapes)
+    fits = [_actors_per_node(shape, cpus, gpus) for shape in shapes]
+    if not any(fits):
+        most_cpus = max((c for c, _ in shapes), default=0.0)
+        most_gpus = max((g for _, g in shapes), default=0.0)
+        if gpus and not most_gpus:
+            raise InputError(
+                f"--ray-gpus-per-actor {gpus:g}: no node of the Ray cluster has a GPU ({counted}); "
+                "use --ray-gpus-per-actor 0 to score on CPUs, or add nodes with GPUs"
+            )
+        if most_gpus < gpus:
+            raise InputError(
+                f"--ray-gpus-per-actor {gpus:g}: no node of the Ray cluster has that many GPUs, "
+                f"the most is {most_gpus:g} ({counted}); use --ray-gpus-per-actor {most_gpus:g} "
+                "or less"
+            )
+        if most_cpus < cpus:
+            raise InputError(
+                f"--ray-cpus-per-actor {cpus:g}: no node of the Ray cluster has that many CPUs "
+                f"({counted}); use --ray-cpus-per-actor {most_cpus:g} or less"
+            )
+        raise InputError(
+            f"--ray-cpus-per-actor {cpus:g} with --ray-gpus-per-actor {gpus:g}: no node of the "
+            f"Ray cluster has both ({counted}); ask for fewer CPUs per actor or add such nodes"
+        )
+    if sum(fits) < options.min_actors:
+        raise InputError(
+            f"--ray-min-actors {options.min_actors}: the Ray cluster hosts at most {sum(fits)} "
+            f"scoring actors at once ({cpus:g} CPU and {gpus:g} GPU each; {counted}); use "
+            f"--ray-min-actors {sum(fits)} or less, or smaller actors"
+        )
+
+
+def _actors_per_node(shape: tuple[float, float], cpus: float, gpus: float) -> int:
+    """How many actors of ``cpus`` and ``gpus`` a node of ``(CPU, GPU)`` hosts at once."""
+    counts = [math.floor(shape[0] / cpus + 1e-9)]
+    if gpus:
+        counts.append(math.floor(shape[1] / gpus + 1e-9))
+    return min(counts)
+
+
+def _describe_nodes(shapes: list[tuple[float, float]]) -> str:
+    """``"alive nodes now: 2 x (2 CPU, 0 GPU)"``, plus what the check cannot see."""
+    groups = Counter(shapes)
+    listed = ", ".join(f"{n} x ({c:g} CPU, {g:g} GPU)" for (c, g), n in sorted(groups.items()))
+    return (
+        f"alive nodes now: {listed or 'none'}; nodes an autoscaler has not started are not counted"
+    )
+
+
+def _check_actor_device(device: str, gpus: float) -> None:
+    """A ``--device`` a scoring actor can use: Ray hides GPUs from actors that ask for none
+    and numbers an actor's GPUs from ``cuda:0``."""
+    if device in ("auto", "cpu"):
+        return
+    parsed = parse_device(device)
+    if parsed.type != "cuda":
+        raise InputError(
+            f"--device {device}: Ray gives scoring actors CPUs and CUDA GPUs only; use --device "
+            "auto, cpu or cuda (with --ray-gpus-per-actor), or --engine local"
+        )
+    if not gpus:
+        raise InputError(
+            f"--device {device}: the scoring actors ask for no GPU (--ray-gpus-per-actor 0), so "
+            "Ray hides CUDA from them; pass --ray-gpus-per-actor 1 (or a fraction to share a "
+            "GPU), or --device auto"
+        )
+    visible = max(1, math.floor(gpus))
+    if parsed.index is not None and parsed.index >= visible:
+        raise InputError(
+            f"--device {device}: each scoring actor sees {visible} GPU"
+            f"{'s' if visible > 1 else ''} (--ray-gpus-per-actor {gpus:g}), numbered from "
+            "cuda:0 on its node; use --device cuda"
+        )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^(?P<name>[A-Za-z_][\w.]*): (?P<message>.*)$")
+
+
+def cluster_error(err: Exception) -> EzmiaError:
+    """One line for an error raised on the cluster (Ray wraps it in pages of traceback): an
+    ezmia error raised by a task or actor keeps its class and message; any other error is
+    named by the last line of its traceback, with where to look."""
+    lines = _ANSI.sub("", str(err)).splitlines()
+    raised = [(i, m) for i, line in enumerate(lines) if (m := _RAISED.match(line))]
+    for i, match in reversed(raised):
+        module, _, name = match["name"].rpartition(".")
+        kind = getattr(errors, name, None) if module == "ezmia.errors" else None
+        if isinstance(kind, type) and issubclass(kind, EzmiaError):
+            return kind(" ".join(" ".join([match["message"], *lines[i + 1 :]]).split()))
+    if raised:
+        match = raised[-1][1]
+        what = f"{match['name'].rpartition('.')[2]}: {match['message'].strip()}"
+    else:
+        first = next((line.strip() for line in lines if line.strip()), "")
+        what = f"{type(err).__name__}: {first}"
+    return EzmiaError(
+        f"the Ray audit failed on the cluster ({what[:400]}); see the scoring actors' logs (Ray "
+        "dashboard, or `ray logs`), fix the cause and rerun"
+    )
+
+
 class RayEngine:
-    """Scores on a Ray cluster (``RAY_ADDRESS``, ``config.ray.address``, or a local one)."""
+    """Scores on the Ray cluster ``connect`` joined."""
 
     def __init__(self, plan: AuditPlan) -> None:
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=plan.config.ray.address, log_to_driver=True)
+        connect(plan.config)  # a no-op check when planning already joined
         self.plan = plan
         self.backend_choice: dict = {}
 
     def score(
+        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
+    ) -> pa.Table:
+        from ray.exceptions import RayError
+
+        try:
+            return self._score(fragments, output, threshold)
+        except RayError as err:
+            raise cluster_error(err) from err
+
+    def _score(
         self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
     ) -> pa.Table:
         import ray

@@ -7,8 +7,10 @@ tasks and the second on its scoring actors. Nothing here knows where rows come f
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ezmia.backends.base import ScoringBackend
+from ezmia.errors import ModelError
 from ezmia.io import ROW_INDEX
 from ezmia.schema import scores_schema
 from ezmia.scores import score_sequence
@@ -39,6 +41,7 @@ def score_tokenized(
 ) -> pa.Table:
     """Score tokenized rows into the scores schema; with ``flag_threshold`` (detection
     mode), rows scoring above it are ``flagged``."""
+    check_token_range(rows, backend.vocab_size)
     input_ids = rows.column("input_ids").to_pylist()
     stats = backend.token_stats(input_ids)
     zlib_sizes = rows.column("zlib_size").to_pylist()
@@ -59,3 +62,24 @@ def score_tokenized(
         if name in schema.names:
             columns[name] = rows.column(name)
     return pa.table({f.name: columns.get(f.name, []) for f in schema}, schema=schema)
+
+
+def check_token_range(rows: pa.Table, vocab_size: int | None) -> None:
+    """Refuse token ids outside ``0..vocab_size-1`` before they reach an embedding lookup (the
+    planning check compares the tokenizer with the configs; this one sees the actual ids)."""
+    ids = pc.list_flatten(rows.column("input_ids"))
+    if vocab_size is None or not len(ids):
+        return
+    bounds = pc.min_max(ids).as_py()
+    if bounds["min"] >= 0 and bounds["max"] < vocab_size:
+        return
+    for row, sequence in zip(
+        rows.column(ROW_INDEX).to_pylist(), rows.column("input_ids").to_pylist(), strict=True
+    ):
+        bad = next((i for i in sequence if not 0 <= i < vocab_size), None)
+        if bad is not None:
+            raise ModelError(
+                f"source row {row}: token id {bad} is outside the models' vocabulary (ids 0 to "
+                f"{vocab_size - 1}): the tokenizer does not match the models; use the tokenizer "
+                "they were trained with"
+            )

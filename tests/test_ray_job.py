@@ -243,3 +243,86 @@ def test_lost_worker_node_completes_or_fails_cleanly_and_a_resubmit_completes(
             assert _success_exists(s3, staged["bucket"], prefix)
     finally:
         cluster.add_worker()
+
+
+def test_requests_the_cluster_cannot_host_are_refused_before_data_and_actor_errors_are_one_line(
+    cluster, models, tmp_path, capsys
+):
+    """On the loopback cluster (2 nodes of 2 CPUs, no GPU): infeasible actor requests and
+    devices the actors will not see are refused with the numbers before any data is read (the
+    dataset path does not exist); a checkpoint that fails to load on the scoring actors ends
+    in one line; errors raised in tasks keep their one-line ezmia message."""
+    import json
+    import shutil
+
+    import ray
+    from ray.exceptions import RayError
+
+    from ezmia.cli import main
+    from ezmia.errors import EzmiaError, InputError
+    from ezmia.pipeline import cluster_error
+    from tests.conftest import audit_args
+
+    out = tmp_path / "out"
+
+    def run(*extra: str, target=None, data=tmp_path / "never-read") -> str:
+        args = audit_args(models, out, "--engine", "ray", "--ray-address", cluster.address,
+                          *extra, data=data, target=target)  # fmt: skip
+        code = main(args)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("ezmia:")]
+        assert code == 2 and len(lines) == 1, err
+        assert lines[0].startswith("ezmia: error: ")
+        assert not out.exists()
+        return lines[0]
+
+    nodes = "alive nodes now: 2 x (2 CPU, 0 GPU); nodes an autoscaler has not started"
+    refused = [
+        (["--ray-gpus-per-actor", "1"],
+         ("--ray-gpus-per-actor 1: no node of the Ray cluster has a GPU", nodes,
+          "use --ray-gpus-per-actor 0")),
+        (["--ray-gpus-per-actor", "1.5"], ("--ray-gpus-per-actor 1.5", "whole GPUs")),
+        (["--ray-cpus-per-actor", "64"],
+         ("--ray-cpus-per-actor 64: no node of the Ray cluster has that many CPUs", nodes,
+          "use --ray-cpus-per-actor 2 or less")),
+        (["--ray-min-actors", "9", "--ray-max-actors", "9"],
+         ("--ray-min-actors 9: the Ray cluster hosts at most 8 scoring actors at once",
+          "0.5 CPU and 0 GPU each", nodes, "use --ray-min-actors 8 or less")),
+        (["--device", "cuda"], ("--device cuda: the scoring actors ask for no GPU",
+                                "--ray-gpus-per-actor 1")),
+        (["--device", "cuda:1", "--ray-gpus-per-actor", "0.5"],
+         ("--device cuda:1: each scoring actor sees 1 GPU", "use --device cuda")),
+        (["--device", "mps"], ("--device mps: Ray gives scoring actors CPUs and CUDA GPUs only",)),
+    ]  # fmt: skip
+    try:
+        for extra, expected in refused:
+            line = run(*extra)
+            for fragment in expected:
+                assert fragment in line, line
+
+        mismatched = shutil.copytree(models.full, tmp_path / "mismatched")
+        config = json.loads((mismatched / "config.json").read_text())
+        config["n_inner"] = 2 * config["n_embd"]  # the weights were saved with 4 x n_embd
+        (mismatched / "config.json").write_text(json.dumps(config))
+        small = tmp_path / "small.parquet"
+        pq.write_table(pq.read_table(models.eval).slice(0, 8), small)
+        line = run(target=mismatched, data=small)
+        assert line.startswith(f"ezmia: error: {mismatched}: cannot load the model"), line
+
+        @ray.remote(max_retries=0)
+        def fail(kind: type, message: str) -> None:
+            raise kind(message)
+
+        for kind, message, expected_type, expected in [
+            (InputError, "s3://b/data.parquet row 3: bad\nvalue; fix it", InputError,
+             "s3://b/data.parquet row 3: bad value; fix it"),
+            (RuntimeError, "boom\nmore", EzmiaError,
+             "the Ray audit failed on the cluster (RuntimeError: boom); see the scoring actors'"),
+        ]:  # fmt: skip
+            with pytest.raises(RayError) as raised:
+                ray.get(fail.remote(kind, message))
+            converted = cluster_error(raised.value)
+            assert type(converted) is expected_type
+            assert str(converted).startswith(expected), str(converted)
+    finally:
+        ray.shutdown()

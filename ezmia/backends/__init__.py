@@ -155,6 +155,63 @@ def _vllm_on_cpu_allowed() -> bool:
     return os.environ.get(VLLM_ON_CPU_ENV, "") == "1"
 
 
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+"""The torch device types ezmia scores on (``--device``; ``auto`` picks CUDA or the CPU)."""
+
+
+def parse_device(device: str):
+    """``--device`` as a ``torch.device``; refuses strings torch cannot parse and device types
+    ezmia does not score on."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(
+            f"--device {device!r}: not a device torch knows; use auto, cpu, cuda, cuda:N or mps"
+        ) from err
+    if parsed.type not in DEVICE_TYPES:
+        raise InputError(
+            f"--device {device}: ezmia scores on {', '.join(DEVICE_TYPES)}, not {parsed.type}; "
+            "use --device auto"
+        )
+    return parsed
+
+
+def device_count(device_type: str) -> int:
+    """How many devices of ``device_type`` (cuda, mps, xpu) this machine shows to torch."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device_type == "mps":
+        return int(torch.backends.mps.is_available())
+    xpu = getattr(torch, "xpu", None)
+    return xpu.device_count() if xpu is not None and xpu.is_available() else 0
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``--device`` this machine does not have, before any model loads."""
+    if device == "auto":
+        return
+    parsed = parse_device(device)
+    if parsed.type == "cpu":
+        return
+    count = device_count(parsed.type)
+    if count == 0:
+        raise InputError(
+            f"--device {device}: this machine has no {parsed.type.upper()} device (torch sees "
+            "none); use --device cpu, or --device auto to use an accelerator only where there "
+            "is one"
+        )
+    if parsed.index is not None and parsed.index >= count:
+        raise InputError(
+            f"--device {device}: this machine has {count} {parsed.type.upper()} device"
+            f"{'s' if count > 1 else ''} ({parsed.type}:0 to {parsed.type}:{count - 1}); "
+            f"use one of them or --device {parsed.type}"
+        )
+
+
 def _accelerator_visible(device: str) -> bool:
     if device == "cpu":
         return False

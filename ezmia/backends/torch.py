@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from ezmia.backends import check_device
 from ezmia.models import ModelPlan, attach_adapter, load_causal_lm
 from ezmia.scores import TokenStats
 
@@ -221,7 +222,8 @@ class TorchBackend:
 
     ``position_chunk`` x ``vocab_chunk`` is the LM-head tile (logits held at once per pass);
     ``None`` picks a size for the device. ``compile_head`` fuses the tile statistics with
-    ``torch.compile`` (``None``: on accelerators only).
+    ``torch.compile`` (``None``: on accelerators only). ``vocab_size`` is the number of token
+    ids both models can embed and predict.
     """
 
     name = "torch"
@@ -240,6 +242,7 @@ class TorchBackend:
         vocab_chunk: int | None = None,
         compile_head: bool | None = None,
     ) -> None:
+        check_device(device)  # also on a Ray actor, whose node may differ from the driver's
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
@@ -262,6 +265,7 @@ class TorchBackend:
             self.target = _fuse_activations(load_causal_lm(plan.target, **load))
             self.reference = base
             self._reference_context = contextlib.nullcontext
+        self.vocab_size = min(_vocab_size(m) for m in (self.target, self.reference))
         # Padding is never attended to; any id but the pad id keeps transformers from warning
         # that a mask is missing.
         self._fill = 1 if getattr(base.config, "pad_token_id", None) == 0 else 0
@@ -339,6 +343,15 @@ def _fuse_activations(model: torch.nn.Module) -> torch.nn.Module:
             if type(child) is NewGELUActivation:
                 setattr(module, name, GELUTanh())
     return model
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    """Token ids the model both embeds and predicts (its input and output embedding rows)."""
+    sizes = [model.get_input_embeddings().num_embeddings]
+    head = model.get_output_embeddings()
+    if isinstance(head, torch.nn.Linear):
+        sizes.append(head.out_features)
+    return min(sizes)
 
 
 def _body_and_head(model):

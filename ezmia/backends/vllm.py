@@ -34,6 +34,7 @@ import numpy as np
 from ezmia.errors import InputError
 from ezmia.models import ModelPlan, context_length, merged_adapter_dir
 from ezmia.scores import TokenStats
+from ezmia.text import vocab_sizes
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class VllmBackend:
         context = context_length(plan)
         self.max_model_len = max_model_len or (context + 1 if context else None)
         self.lora_mode = lora_mode if plan.target_is_adapter else "merge"
+        self.vocab_size = min((size for _, size in vocab_sizes(plan)), default=None)
         self._lora_request: Any = None
         self.target: Any = None
         self.reference: Any = None
