@@ -88,6 +88,7 @@ def connect(config: AuditConfig) -> None:
     and refuse an audit its alive nodes cannot run, before any model or data is read."""
     import ray
 
+    check_request(config.ray, config.device)
     if not ray.is_initialized():
         address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
         flag = (
@@ -114,7 +115,7 @@ def connect(config: AuditConfig) -> None:
                 f"{flag}: cannot join the Ray cluster ({reason}); check the address "
                 "and that the cluster is up"
             ) from err
-    check_resources(config.ray, config.device, ray.nodes())
+    check_resources(config.ray, ray.nodes())
 
 
 def _probe(address: str, flag: str) -> None:
@@ -131,17 +132,23 @@ def _probe(address: str, flag: str) -> None:
         ) from err
 
 
-def check_resources(options: RayOptions, device: str, nodes: list[dict]) -> None:
-    """Refuse scoring actors no alive node can host, more ``min_actors`` than the nodes host at
-    once, and a ``--device`` the actors will not see. ``nodes`` is ``ray.nodes()``; nodes an
-    autoscaler has not started yet are not counted (the message says so)."""
-    cpus, gpus = options.cpus_per_actor, options.gpus_per_actor
+def check_request(options: RayOptions, device: str) -> None:
+    """Refuse GPU requests Ray cannot grant and a ``--device`` the scoring actors will not
+    see (no cluster needed)."""
+    gpus = options.gpus_per_actor
     if gpus > 1 and not float(gpus).is_integer():
         raise InputError(
             f"--ray-gpus-per-actor {gpus:g}: Ray grants more than one GPU only in whole GPUs; "
             "use a whole number, or a fraction below 1 to share a GPU"
         )
     _check_actor_device(device, gpus)
+
+
+def check_resources(options: RayOptions, nodes: list[dict]) -> None:
+    """Refuse scoring actors no alive node can host and more ``min_actors`` than the nodes host
+    at once. ``nodes`` is ``ray.nodes()``; nodes an autoscaler has not started yet are not
+    counted (the message says so)."""
+    cpus, gpus = options.cpus_per_actor, options.gpus_per_actor
     shapes = [
         (n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
         for n in nodes

@@ -28,6 +28,8 @@ RERUN = "rerun the audit (ezmia audit ... --overwrite) to write it again"
 def rerender(out: str) -> str:
     """Recompute the summary's metrics from ``scores/`` and rewrite summary and report."""
     if not outputs.is_complete(out):
+        if not storage.list_files(out):
+            raise OutputError(f"{out}: nothing there; give the --out of a finished audit")
         raise OutputError(f"{out}: no _SUCCESS, so this audit did not finish; rerun the audit")
     summary_uri = storage.join(out, outputs.SUMMARY)
     summary = _read_summary(summary_uri)
@@ -47,6 +49,9 @@ def rerender(out: str) -> str:
             bootstrap_rounds=config.bootstrap_rounds,
             seed=config.seed,
             detection=detection,
+            blind=summary.get("blind_baseline"),  # from the texts, which scores never hold
+            delta=config.delta,
+            claimed_epsilon=config.claimed_epsilon,
         )
     )
     html = render_report(summary, scores).encode()

@@ -220,7 +220,12 @@ CASES = [
          ("{root}/empty.parquet", "the dataset has no rows")),
     Case("empty-calibration-set",
          lambda k: _audit(k, data=["--data", k.members, "--calibration", k.no_rows]),
-         ("{root}/no_rows.parquet", "the calibration set has no rows", "--calibration")),
+         ("{root}/no_rows.parquet", "0 known non-members cannot calibrate --fpr 0.001",
+          "add calibration rows")),
+    Case("calibration-set-too-small-for-the-fpr",
+         lambda k: _audit(k, data=["--data", k.members, "--calibration", k.nonmembers]),
+         ("--calibration", "cannot calibrate --fpr 0.001, which needs at least 1000",
+          "raise --fpr")),
     # --- datasets: files
     Case("corrupt-parquet", lambda k: _audit(k, data=["--data", k.corrupt]),
          ("{root}/corrupt.parquet", "not a readable Parquet file", "re-export it")),
@@ -313,6 +318,37 @@ CASES = [
          lambda k: _audit(k, data=["--data", k.small, "--id-column", "text",
                                    "--label-column", "is_member"]),
          ("--id-column 'text' is also the text column", "texts are private")),
+]  # fmt: skip
+
+# --- where the audit runs: this machine's devices, Ray addresses and actor requests (no cluster
+# is started: each is refused before one would be joined)
+
+
+def _past_the_last_gpu() -> str:
+    """``cuda:N`` for N the number of GPUs here: never a device of this machine."""
+    import torch
+
+    return f"cuda:{torch.cuda.device_count()}"
+
+
+CASES += [
+    Case("device-past-the-last-gpu", lambda k: _audit(k, "--device", _past_the_last_gpu()),
+         ("--device cuda:", ": this machine has", "--device")),
+    Case("device-unknown", lambda k: _audit(k, "--device", "gpu"),
+         ("--device 'gpu': not a device torch knows", "use auto, cpu, cuda, cuda:N or mps")),
+    Case("ray-address-is-a-job-server",
+         lambda k: _audit(k, "--ray-address", "http://127.0.0.1:8265"),
+         ("--ray-address http://127.0.0.1:8265: this is a Ray job server's address",
+          "--ray-address HOST:6379", "ray job submit")),
+    Case("ray-address-nothing-answers",
+         lambda k: _audit(k, "--ray-address", f"127.0.0.1:{free_port()}"),
+         ("--ray-address 127.0.0.1:", "no Ray cluster answers there", "start the cluster")),
+    Case("ray-device-cuda-without-actor-gpus", lambda k: _audit(k, "--engine", "ray",
+                                                                "--device", "cuda"),
+         ("--device cuda: the scoring actors ask for no GPU", "--ray-gpus-per-actor 1")),
+    Case("ray-gpus-neither-whole-nor-a-fraction",
+         lambda k: _audit(k, "--engine", "ray", "--ray-gpus-per-actor", "1.5"),
+         ("--ray-gpus-per-actor 1.5", "whole GPUs")),
 ]  # fmt: skip
 
 

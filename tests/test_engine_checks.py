@@ -226,3 +226,4 @@ def test_report_on_an_output_it_cannot_rerender_is_refused_and_changes_nothing(
         assert "rerun the audit" in line, (name, line)
         assert _files(out) == before, name
     assert main(["report", str(finished)]) == 0  # the intact output still re-renders
+    _error_line(main(["report", str(tmp_path / "typo")]), capsys.readouterr().err, "typo: nothing")
