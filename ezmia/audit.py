@@ -12,10 +12,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from scipy import sparse
 
-from ezmia import outputs, storage
+from ezmia import blind, outputs, storage
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError
 from ezmia.io import (
@@ -25,10 +27,12 @@ from ezmia.io import (
     Columns,
     Fragment,
     member_and_nonmember,
+    normalize,
     plan_fragments,
+    read_fragment,
     read_keys,
 )
-from ezmia.metrics import detection_threshold
+from ezmia.metrics import detection_threshold, min_nonmembers
 from ezmia.models import ModelPlan, context_length, default_cache_dir, plan_models
 from ezmia.report_html import render_report
 from ezmia.summary import build_summary
@@ -114,10 +118,13 @@ def check_rows(plan: AuditPlan) -> None:
     sources = ", ".join(plan.config.data or [*plan.config.members, *plan.config.nonmembers])
     if not sum(f.num_rows for f in plan.fragments):
         raise InputError(f"{sources}: the dataset has no rows; point --data at a non-empty one")
-    if plan.config.calibration and not sum(f.num_rows for f in plan.calibration):
+    calibration_rows = sum(f.num_rows for f in plan.calibration)
+    if plan.config.calibration and calibration_rows < min_nonmembers(plan.config.fpr):
         raise InputError(
-            f"{', '.join(plan.config.calibration)}: the calibration set has no rows; "
-            "--calibration needs known non-members"
+            f"--calibration {', '.join(plan.config.calibration)}: {calibration_rows} known "
+            f"non-members cannot calibrate --fpr {plan.config.fpr:g}, which needs at least "
+            f"{min_nonmembers(plan.config.fpr)}; add calibration rows or raise --fpr to "
+            f"{1 / max(calibration_rows, 1):.2g} or more"
         )
     labelled = plan.config.is_labelled
     if not (plan.columns.id or labelled):
@@ -239,6 +246,9 @@ def finish(
         bootstrap_rounds=config.bootstrap_rounds,
         seed=config.seed,
         detection=detection,
+        blind=blind_check(plan) if config.mode == "leakage" else None,
+        delta=config.delta,
+        claimed_epsilon=config.claimed_epsilon,
     )
     plan.timings["summary_s"] = time.perf_counter() - started
     summary = {**meta, **data, "timings": plan.timings}
@@ -246,6 +256,27 @@ def finish(
     output.write(outputs.REPORT, render_report(summary, scores).encode())
     output.write(outputs.SUCCESS, b"")
     return summary
+
+
+def blind_check(plan: AuditPlan) -> dict | None:
+    """The blind baseline of a leakage audit's split, from its texts alone, read a fragment at
+    a time (texts dropped once hashed; a seeded sample of about ``blind.MAX_ROWS`` rows of a
+    larger audit)."""
+    keep = min(1.0, blind.MAX_ROWS / sum(f.num_rows for f in plan.fragments))
+    draw = np.random.default_rng(plan.config.seed)
+    features, labels = [], []
+    for fragment in plan.fragments:
+        rows = normalize(read_fragment(fragment, plan.columns), plan.columns, fragment.uri)
+        if keep < 1:
+            rows = rows.filter(pa.array(draw.random(rows.num_rows) < keep))
+        features.append(blind.text_features(rows.column("text").to_pylist()))
+        labels.append(rows.column("is_member").to_numpy(zero_copy_only=False).astype(bool))
+    return blind.blind_baseline(
+        sparse.vstack(features).tocsr(),
+        np.concatenate(labels),
+        plan.config.bootstrap_rounds,
+        plan.config.seed,
+    )
 
 
 def input_locations(config: AuditConfig, models: ModelPlan | None = None) -> dict[str, list[str]]:

@@ -12,6 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ezmia.epsilon import DELTA
 from ezmia.errors import InputError
 
 
@@ -132,6 +133,13 @@ class AuditConfig(Strict):
     bootstrap_rounds: int = Field(
         200, ge=0, description="bootstrap resamples for the 95% intervals"
     )
+    claimed_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="epsilon claimed for a model trained with differential privacy: the audit "
+        "says whether its data refute it",
+    )
+    delta: float = Field(DELTA, gt=0, lt=1, description="delta of the empirical epsilon bound")
     seed: int = Field(0, description="random seed of the bootstrap")
     sse: Literal["aws:kms", "AES256"] | None = Field(
         None, description="S3 server-side encryption for everything written"

@@ -55,14 +55,20 @@ def index_row(result: AuditResult, dataset: str) -> dict:
         "n_ok": summary["status_counts"].get("ok", 0),
         "backend": summary["backend"]["name"],
         "verdict": summary["verdict"]["level"],
+        "verdict_score": summary["verdict"].get("score"),
+        "epsilon_lower_bound": (summary.get("privacy") or {}).get("epsilon_lower_bound"),
         "report_uri": storage.join(result.out, "report.html"),
         "schema_version": SCHEMA_VERSION,
     }
+    blind = summary.get("blind_baseline") or {}
+    low, high = blind.get("auc_ci95") or [None, None]
+    row.update(blind_auc=blind.get("auc"), blind_auc_lo=low, blind_auc_hi=high,
+               blind_distinguishable=blind.get("distinguishable"))  # fmt: skip
     for score in INDEX_SCORES:
         values = summary.get("metrics", {}).get(score, {})
         for metric in INDEX_METRICS:
             name = f"{score}_{metric}"
-            low, high = values.get(f"{metric}_ci95", [None, None])
+            low, high = values.get(f"{metric}_ci95") or [None, None]
             row.update({name: values.get(metric), f"{name}_lo": low, f"{name}_hi": high})
     return row
 

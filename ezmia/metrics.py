@@ -59,14 +59,44 @@ def bootstrap_intervals(
 def labelled_metrics(
     labels: np.ndarray, scores: np.ndarray, bootstrap_rounds: int = 200, seed: int = 0
 ) -> dict[str, object]:
-    """Point metrics with 95% bootstrap intervals, over rows whose score is finite."""
+    """Point metrics with 95% bootstrap intervals, over rows whose score is finite. A TPR at
+    an FPR the non-members cannot resolve (fewer than ``1/FPR``) is ``None``; ``unresolved``
+    says how many non-members it needs and bounds it from above by the TPR at the lowest
+    rate they do resolve. Each resolved FPR gets its operating point with exact intervals."""
     finite = np.isfinite(scores)
     labels, scores = labels[finite].astype(bool), scores[finite]
-    out: dict[str, object] = {"n": int(labels.shape[0]), "n_members": int(labels.sum())}
-    out.update(point_metrics(labels, scores))
+    n_nonmembers = int((~labels).sum())
+    points = point_metrics(labels, scores)
     intervals = bootstrap_intervals(labels, scores, bootstrap_rounds, seed)
-    out.update({f"{name}_ci95": interval for name, interval in intervals.items()})
+    out: dict[str, object] = {
+        "n": int(labels.shape[0]),
+        "n_members": int(labels.sum()),
+        "n_nonmembers": n_nonmembers,
+        "auc": points["auc"],
+        "auc_ci95": intervals.get("auc"),
+        "operating_points": {},
+        "unresolved": {},
+    }
+    for name, fpr in FPR_POINTS.items():
+        if n_nonmembers >= min_nonmembers(fpr):
+            out[name], out[f"{name}_ci95"] = points[name], intervals.get(name)
+            out["operating_points"][name] = operating_point(labels, scores, fpr)
+            continue
+        out[name] = out[f"{name}_ci95"] = None
+        out["unresolved"][name] = {
+            "fpr": fpr,
+            "needs_nonmembers": min_nonmembers(fpr),
+            "upper_bound": tpr_at_fpr(labels, scores, 1 / n_nonmembers),
+            "upper_bound_at_fpr": 1 / n_nonmembers,
+        }
     return out
+
+
+def bounded_value(metrics: dict, name: str) -> float | None:
+    """A score's metric ``name``; for a TPR at a rate its non-members cannot resolve, the TPR
+    at the lowest rate they do (an upper bound: ROC curves never fall)."""
+    unresolved = metrics.get("unresolved", {}).get(name)
+    return unresolved["upper_bound"] if unresolved else metrics.get(name)
 
 
 def detection_threshold(calibration_scores: np.ndarray, fpr: float) -> float:

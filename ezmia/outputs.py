@@ -71,7 +71,9 @@ def check_location(out: str, inputs: Mapping[str, list[str]]) -> None:
         for uri in uris:
             other = _segments(uri)
             if where[: len(other)] == other or other[: len(where)] == where:
-                inside = "lies inside" if len(where) >= len(other) else "contains"
+                inside = {-1: "contains", 0: "is", 1: "lies inside"}[
+                    (len(where) > len(other)) - (len(where) < len(other))
+                ]
                 raise OutputError(
                     f"--out {out}: {inside} {flag} {uri}; an audit never writes where its "
                     "inputs are: choose a separate output location"

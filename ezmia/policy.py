@@ -20,6 +20,7 @@ from pydantic import Field, create_model, field_validator
 from ezmia import storage
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
 from ezmia.errors import InputError
+from ezmia.metrics import bounded_value
 from ezmia.summary import VERDICT_RULES, exceeds
 
 SET_BY_SCAN = ("target", "out", "name", "overwrite")
@@ -56,10 +57,12 @@ HIGH = {key: limit for level, key, limit in VERDICT_RULES if level == "high"}
 
 
 class Thresholds(Strict):
-    """Largest EZ metric values a checkpoint may show and still pass (``None``: no limit).
-    The defaults are the verdict's "high" limits: by default a checkpoint fails exactly
-    when its verdict is high (or insufficient)."""
+    """Largest metric values a checkpoint may show and still pass (``None``: no limit), for
+    the score ``score`` (a score column, or ``any``: every score must stay within them).
+    The defaults are the verdict's "high" limits on EZ: by default a checkpoint fails exactly
+    when EZ's verdict level is high (or the audit is insufficient)."""
 
+    score: str = "ez_score"
     max_tpr_at_0_1pct_fpr: float | None = Field(HIGH["tpr_at_0_1pct_fpr"], ge=0, le=1)
     max_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
     max_auc: float | None = Field(HIGH["auc"], ge=0, le=1)
@@ -69,6 +72,7 @@ class Override(Strict):
     """Thresholds for the checkpoints whose name matches ``match``."""
 
     match: str
+    score: str | None = None
     max_tpr_at_0_1pct_fpr: float | None = Field(None, ge=0, le=1)
     max_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
     max_auc: float | None = Field(None, ge=0, le=1)
@@ -175,21 +179,41 @@ class Judgement:
 
 
 def judge(summary: dict, thresholds: Thresholds) -> Judgement:
-    """Pass when every EZ metric is within its threshold (the verdict's boundary rule,
-    ``exceeds``); fail without labelled EZ metrics or with too few scored rows."""
+    """Pass when every limited metric of the policy's score (or of every score, for ``any``)
+    is within its limit (the verdict's boundary rule, ``exceeds``). A TPR at a rate the
+    non-members cannot resolve is judged by its upper bound, the TPR at the lowest rate they
+    do resolve: it passes only when that bound is within the limit. Fails without labelled
+    metrics or with too few scored rows."""
     level = summary.get("verdict", {}).get("level")
     if level == "insufficient":
         return Judgement("fail", [f"insufficient: {summary['verdict']['text']}"])
-    ez = summary.get("metrics", {}).get("ez_score")
-    if not ez:
+    metrics = summary.get("metrics", {})
+    if not metrics.get("ez_score"):
         return Judgement(
             "fail",
             [f"no EZ leakage metrics (mode {summary.get('mode')}): the policy needs "
              "members and nonmembers"],
         )  # fmt: skip
+    names = list(metrics) if thresholds.score == "any" else [thresholds.score]
+    if thresholds.score != "any" and thresholds.score not in metrics:
+        skipped = summary.get("metrics_skipped", {}).get(thresholds.score, "not a score")
+        return Judgement("fail", [f"score {thresholds.score!r} was not measured ({skipped})"])
     breaches = []
-    for metric in METRICS:
-        limit = getattr(thresholds, f"max_{metric}")
-        if limit is not None and exceeds(ez[metric], limit):
-            breaches.append(f"EZ {metric} {ez[metric]:.4f} > max_{metric} {limit:g}")
+    for name in names:
+        label = "EZ" if name == "ez_score" else name
+        for metric in METRICS:
+            limit = getattr(thresholds, f"max_{metric}")
+            value = bounded_value(metrics[name], metric)
+            if limit is None or not exceeds(value, limit):
+                continue
+            unresolved = metrics[name].get("unresolved", {}).get(metric)
+            if unresolved:
+                breaches.append(
+                    f"{label} {metric} cannot be measured with {metrics[name]['n_nonmembers']} "
+                    f"non-members (needs {unresolved['needs_nonmembers']}) and its bound, the "
+                    f"TPR at FPR {unresolved['upper_bound_at_fpr']:.2%}, is {value:.4f} > "
+                    f"max_{metric} {limit:g}: add non-members or lift the limit"
+                )
+            else:
+                breaches.append(f"{label} {metric} {value:.4f} > max_{metric} {limit:g}")
     return Judgement("fail" if breaches else "pass", breaches)

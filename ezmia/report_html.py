@@ -60,6 +60,8 @@ VERDICT_COLORS: dict[str, tuple[str, str]] = {
     "low": ("#15803d", "#e9f7ee"),
     "insufficient": ("#6d28d9", "#f3effd"),
     "unknown": ("#4b5563", "#f1f2f4"),
+    "members likely": ("#b91c1c", "#fdecec"),
+    "no evidence": ("#15803d", "#e9f7ee"),
 }
 
 STATUS_NOTES: dict[str, str] = {
@@ -99,6 +101,7 @@ h2{font-size:1.2em;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom
 .sub{color:#57606a;margin:0 0 16px}
 .verdict{border-left:6px solid;padding:12px 16px;border-radius:4px;font-size:1.08em}
 .verdict b{text-transform:uppercase;letter-spacing:.04em}
+.verdict .warning{color:#92400e;font-size:.95em}
 table{border-collapse:collapse;margin:6px 0 10px;font-size:.92em;background:#fff}
 th,td{border:1px solid #d8dee4;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f3f4f6}
@@ -254,9 +257,15 @@ def _verdict_block(summary: Mapping[str, Any]) -> str:
     level = str(verdict.get("level", "unknown"))
     fg, bg = VERDICT_COLORS.get(level, VERDICT_COLORS["unknown"])
     text = verdict.get("text") or "No verdict was produced for this run."
+    title = "Detection" if summary.get("mode") == "detection" else "Leakage risk"
+    notes = "".join(
+        f'<p class="warning"><b>Warning:</b> {_esc(w)}</p>' for w in verdict.get("warnings", [])
+    )
+    if verdict.get("privacy"):
+        notes += f"<p>{_esc(verdict['privacy'])}</p>"
     return (
         f'<div class="verdict" style="border-color:{fg};background:{bg}">'
-        f'<b style="color:{fg}">Leakage risk: {_esc(level)}</b><br>{_esc(text)}</div>'
+        f'<b style="color:{fg}">{title}: {_esc(level)}</b><br>{_esc(text)}{notes}</div>'
     )
 
 

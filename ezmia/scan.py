@@ -24,13 +24,13 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ezmia import storage
+from ezmia import outputs, storage
 from ezmia.config import AuditConfig, parse_model
 from ezmia.errors import EzmiaError, InputError
 from ezmia.index import dataset_label, index_row, report_location, today, write_index
 from ezmia.ledger import Ledger
 from ezmia.locks import LockHeld, Locks
-from ezmia.policy import METRICS, Policy, Thresholds, judge, load_policy, read_options
+from ezmia.policy import Policy, Thresholds, judge, load_policy, read_options
 from ezmia.registry import SIDECAR, Checkpoint, discover
 from ezmia.schema import LEDGER_SCHEMA, LEDGER_STATUSES, SCHEMA_VERSION
 
@@ -91,8 +91,12 @@ def carried_over(previous: dict, thresholds: Thresholds) -> dict:
     row = {k: previous[k] for k in keys} | {"reason": f"audited by scan {previous['scan_id']}"}
     if previous["ez_auc"] is None:
         return row  # no leakage metrics to judge again: the earlier verdict stands
-    ez = {metric: previous[f"ez_{metric}"] for metric in METRICS}
-    summary = {"metrics": {"ez_score": ez}, "verdict": {"level": previous["leakage"]}}
+    summary_uri = storage.join(previous["report_uri"].rsplit("/", 1)[0], outputs.SUMMARY)
+    try:
+        summary = outputs.read_json(summary_uri)
+    except (OSError, ValueError, EzmiaError) as err:
+        reason = f"{summary_uri}: the earlier audit's summary is unreadable ({describe(err)})"
+        return row | {"verdict": "fail", "reason": f"{row['reason']}; {reason}"}
     judgement = judge(summary, thresholds)
     reason = "; ".join([row["reason"], *judgement.breaches])
     return row | {"verdict": judgement.verdict, "reason": reason}

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = (
+    2  # 2: index gains verdict_score, blind_auc*, epsilon_lower_bound; TPRs null when unresolved
+)
 
 SCORE_FIELDS = [
     pa.field("ez_score", pa.float64()),
@@ -75,6 +77,12 @@ INDEX_SCHEMA = pa.schema(
         pa.field("backend", pa.string()),
         *_metric_fields(),
         pa.field("verdict", pa.string()),
+        pa.field("verdict_score", pa.string()),
+        pa.field("blind_auc", pa.float64()),
+        pa.field("blind_auc_lo", pa.float64()),
+        pa.field("blind_auc_hi", pa.float64()),
+        pa.field("blind_distinguishable", pa.bool_()),
+        pa.field("epsilon_lower_bound", pa.float64()),
         pa.field("report_uri", pa.string()),
         pa.field("schema_version", pa.int32()),
     ],

@@ -7,7 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ezmia.metrics import labelled_metrics
+from ezmia.epsilon import DELTA, audit_epsilon
+from ezmia.metrics import FPR_POINTS, labelled_metrics, min_nonmembers
 from ezmia.scores import EZ_OK, EZ_STATUSES, SCORE_COLUMNS
 
 VERDICT_RULES = (  # (level, EZ metric, limit): the first rule whose limit is exceeded wins
@@ -84,28 +85,155 @@ def insufficient(members: int, nonmembers: int, status_counts: dict[str, int]) -
     }
 
 
-def verdict(metrics: dict[str, dict]) -> dict[str, str]:
-    """A plain-language verdict from the EZ metrics (the strongest attack in the paper)."""
-    ez = metrics.get("ez_score")
-    if not ez:
+LEVELS = ("low", "moderate", "high")
+
+
+def score_level(metrics: dict) -> str:
+    """One score's leakage level: the first rule whose resolved metric exceeds its limit."""
+    exceeded = (lvl for lvl, key, limit in VERDICT_RULES
+                if metrics.get(key) is not None and exceeds(metrics[key], limit))  # fmt: skip
+    return next(exceeded, "low")
+
+
+def lowest_resolved(metrics: dict[str, dict]) -> str | None:
+    """The FPR point (of ``FPR_POINTS``) with the lowest rate the non-members resolve."""
+    resolved = [name for name in FPR_POINTS if name in metrics["ez_score"]["operating_points"]]
+    return min(resolved, key=FPR_POINTS.get, default=None)
+
+
+def strongest(metrics: dict[str, dict]) -> tuple[str, str | None]:
+    """The score a defender must assume an attacker uses, and the FPR point it is judged at:
+    the highest level, then the highest lower end of the exact TPR interval at the lowest
+    resolved FPR (the AUC where no FPR is resolved)."""
+    point = lowest_resolved(metrics)
+
+    def strength(name: str) -> tuple:
+        m = metrics[name]
+        at = m["operating_points"].get(point) if point else None
+        return LEVELS.index(score_level(m)), at["tpr_exact_ci95"][0] if at else m["auc"], m["auc"]
+
+    return max(metrics, key=strength), point
+
+
+def verdict(metrics: dict[str, dict]) -> dict[str, object]:
+    """A plain-language verdict from the strongest attack, at the lowest false-positive rate
+    the data resolves, with EZ's own figures beside it."""
+    if "ez_score" not in metrics:
         return {"level": "unknown", "text": "No labelled EZ metrics: leakage cannot be judged."}
-    level = next((lvl for lvl, key, limit in VERDICT_RULES if exceeds(ez[key], limit)), "low")
-    found = (
-        f"At 0.1% false positives an attacker identifies {ez['tpr_at_0_1pct_fpr']:.1%} of the "
-        f"training records (AUC {ez['auc']:.3f})."
-    )
+    best, point = strongest(metrics)
+    level = score_level(metrics[best])
+    m, ez = metrics[best], metrics["ez_score"]
+    n = ez["n_nonmembers"]
+    if point:
+        at = m["operating_points"][point]
+        low, high = at["tpr_exact_ci95"]
+        found = (
+            f"At {FPR_POINTS[point]:.1%} false positives (the lowest rate {n} non-members "
+            f"resolve) the strongest attack, {best}, identifies {at['tpr']:.1%} of the training "
+            f"records (exact 95% interval {low:.1%}-{high:.1%}; AUC {m['auc']:.3f})."
+        )
+        if best != "ez_score":
+            found += f" EZ: {ez['operating_points'][point]['tpr']:.1%}, AUC {ez['auc']:.3f}."
+    else:
+        needs = ", ".join(f"{f:.1%} needs {min_nonmembers(f)}" for f in FPR_POINTS.values())
+        found = (
+            f"{n} non-members resolve none of the reported false-positive rates ({needs}): "
+            f"the strongest attack, {best}, reaches AUC {m['auc']:.3f}"
+            + (f" (EZ {ez['auc']:.3f})." if best != "ez_score" else ".")
+        )
     advice = {
         "high": "The checkpoint leaks its training data: do not release it as is.",
         "moderate": "The checkpoint leaks measurably: review before release.",
-        "low": "Little measurable leakage with this attack and data.",
+        "low": "Little measurable leakage with these attacks and data.",
     }[level]
-    return {"level": level, "text": f"{advice} {found}"}
+    return {
+        "level": level,
+        "text": f"{advice} {found}",
+        "score": best,
+        "fpr": FPR_POINTS[point] if point else None,
+    }
+
+
+def privacy_bound(
+    scores: pa.Table, score: str, delta: float, claimed_epsilon: float | None, seed: int
+) -> dict | None:
+    """The empirical epsilon lower bound of the attack by ``score`` and, given a claimed
+    epsilon, whether the audit refutes it."""
+    labels = scores.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
+    values = _column(scores, score)
+    finite = np.isfinite(values)
+    bound = audit_epsilon(labels[finite], values[finite], delta=delta, seed=seed)
+    if bound is None:
+        return None
+    bound["score"] = score
+    if claimed_epsilon is not None:
+        bound["claimed_epsilon"] = claimed_epsilon
+        bound["claim"] = (
+            "refuted" if bound["epsilon_lower_bound"] > claimed_epsilon else ("not refuted")
+        )
+    return bound
+
+
+def warnings(summary: dict) -> list[str]:
+    """What a reviewer must know before trusting the verdict: a split the texts alone tell
+    apart, and how much of the attack's advantage that explains."""
+    blind, found = summary.get("blind_baseline"), []
+    if blind and blind["distinguishable"]:
+        low, high = blind["auc_ci95"] or [blind["auc"], blind["auc"]]
+        attack = summary["metrics"][summary["verdict"]["score"]]["auc"]
+        share = (blind["auc"] - 0.5) / (attack - 0.5) if attack > 0.5 else 1.0
+        found.append(
+            f"The member and non-member texts are told apart without the model (blind text "
+            f"classifier AUC {blind['auc']:.2f}, 95% interval {low:.2f}-{high:.2f}, above "
+            f"{blind['limit']}): the split itself differs (source, date, style), so every "
+            f"leakage figure here is inflated by it. The blind classifier already has "
+            f"{min(share, 1.0):.0%} of the strongest attack's advantage over chance (AUC "
+            f"{attack:.2f}). Draw members and non-members from the same distribution."
+        )
+    return found
+
+
+def privacy_text(bound: dict) -> str:
+    """The epsilon bound in plain words, with its assumption."""
+    text = (
+        f"Empirical privacy: the {bound['score']} attack refutes any epsilon below "
+        f"{bound['epsilon_lower_bound']:.2f} at delta {bound['delta']:g} with "
+        f"{bound['confidence']:.0%} confidence, assuming members were chosen at random."
+    )
+    if "claim" in bound:
+        text += f" The claimed epsilon {bound['claimed_epsilon']:g} is {bound['claim']}."
+    return text
+
+
+def detection_verdict(detection: dict, n_flagged: int, n_candidates: int) -> dict:
+    """How many candidates the calibrated threshold flags, against what chance alone would:
+    the non-members' rate ``fpr`` flags up to its binomial 97.5% quantile."""
+    from scipy.stats import binom
+
+    chance = int(binom.ppf(0.975, n_candidates, detection["fpr"]))
+    share = f"{n_flagged} of {n_candidates} candidates score above the EZ threshold that " + (
+        f"{detection['fpr']:.2%} of {detection['n_calibration']} known non-members exceed"
+    )
+    if n_flagged > chance:
+        return {"level": "members likely", "text": f"{share}: more than the {chance} chance "
+                "alone would flag, so the candidates likely include training records."}  # fmt: skip
+    return {"level": "no evidence", "text": f"{share}: no more than the {chance} chance alone "
+            "would flag; no evidence that the candidates include training records."}  # fmt: skip
 
 
 def build_summary(
-    scores: pa.Table, *, mode: str, bootstrap_rounds: int, seed: int, detection: dict | None
+    scores: pa.Table,
+    *,
+    mode: str,
+    bootstrap_rounds: int,
+    seed: int,
+    detection: dict | None,
+    blind: dict | None = None,
+    delta: float = DELTA,
+    claimed_epsilon: float | None = None,
 ) -> dict:
-    """The summary's data part; ``detection`` holds the threshold in detection mode."""
+    """The summary's data part; ``detection`` holds the threshold in detection mode,
+    ``blind`` the blind baseline of a leakage audit's split."""
     summary: dict = {
         "mode": mode,
         "n_rows": scores.num_rows,
@@ -119,6 +247,13 @@ def build_summary(
         summary["verdict"] = insufficient(*scored_counts(scores), counts) or verdict(
             summary["metrics"]
         )
+        summary["blind_baseline"] = blind
+        if summary["verdict"].get("score"):
+            bound = privacy_bound(scores, summary["verdict"]["score"], delta, claimed_epsilon, seed)
+            summary["privacy"] = bound
+            summary["verdict"]["warnings"] = warnings(summary)
+            if bound:
+                summary["verdict"]["privacy"] = privacy_text(bound)
     elif mode == "detection" and detection is not None:
         n_flagged = int(pc.sum(scores.column("flagged")).as_py() or 0)
         summary["detection"] = {
@@ -126,11 +261,7 @@ def build_summary(
             "n_flagged": n_flagged,
             "n_candidates": scores.num_rows,
         }
-        summary["verdict"] = {
-            "level": "unknown",
-            "text": f"{n_flagged} of {scores.num_rows} candidates score above the EZ threshold "
-            f"that {detection['fpr']:.2%} of known non-members exceed.",
-        }
+        summary["verdict"] = detection_verdict(detection, n_flagged, scores.num_rows)
     else:
         summary["verdict"] = {"level": "unknown", "text": "Scores only: no labels to judge by."}
     return summary

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ezmia.blind import AUC_LIMIT, blind_baseline, sample_rows
+from ezmia.blind import AUC_LIMIT, blind_baseline, text_features
 from ezmia.demo.corpus import _SKIP_DIRS, _file_docstrings, collect_docstrings
 
 N = 250  # rows per class
@@ -33,7 +33,7 @@ def labels(n_members: int, n_nonmembers: int) -> np.ndarray:
 
 def test_a_random_split_of_one_corpus_is_not_distinguishable():
     texts = random.Random(1).sample(collect_docstrings(), 2 * N)
-    result = blind_baseline(texts, labels(N, N), bootstrap_rounds=100)
+    result = blind_baseline(text_features(texts), labels(N, N), bootstrap_rounds=100)
     assert abs(result["auc"] - 0.5) < 0.08
     assert result["distinguishable"] is False
 
@@ -42,7 +42,7 @@ def test_a_split_by_source_is_flagged(docstrings_by_package):
     rng = random.Random(1)
     first = rng.sample([d for m, d in docstrings_by_package if m < "m"], N)
     second = rng.sample([d for m, d in docstrings_by_package if m >= "m"], N)
-    result = blind_baseline(first + second, labels(N, N), bootstrap_rounds=100)
+    result = blind_baseline(text_features(first + second), labels(N, N), bootstrap_rounds=100)
     assert result["auc"] > AUC_LIMIT + 0.05
     assert result["auc_ci95"][0] > 0.5
     assert result["distinguishable"] is True
@@ -51,18 +51,10 @@ def test_a_split_by_source_is_flagged(docstrings_by_package):
 
 def test_texts_that_differ_only_in_a_marker_word_are_told_apart_perfectly():
     texts = [f"alpha record {i}" for i in range(20)] + [f"omega record {i}" for i in range(20)]
-    result = blind_baseline(texts, labels(20, 20), bootstrap_rounds=0)
+    result = blind_baseline(text_features(texts), labels(20, 20), bootstrap_rounds=0)
     assert result["auc"] == 1.0 and result["distinguishable"] is True
     assert result["auc_ci95"] is None
 
 
 def test_a_class_with_fewer_than_two_rows_has_no_blind_baseline():
-    assert blind_baseline(["a", "b", "c"], labels(1, 2), bootstrap_rounds=0) is None
-
-
-def test_large_audits_are_sampled_in_class_proportion():
-    kinds = labels(300, 700)
-    picked = sample_rows(kinds, seed=0, limit=100)
-    assert len(picked) == 100 and kinds[picked].sum() == 30
-    assert len(np.unique(picked)) == 100
-    assert list(sample_rows(kinds, limit=5000)) == list(range(1000))
+    assert blind_baseline(text_features(["a", "b", "c"]), labels(1, 2), bootstrap_rounds=0) is None

@@ -8,7 +8,9 @@ from sklearn.metrics import roc_auc_score
 from ezmia.metrics import (
     FPR_POINTS,
     bootstrap_intervals,
+    bounded_value,
     detection_threshold,
+    exact_interval,
     labelled_metrics,
     point_metrics,
     tpr_at_fpr,
@@ -61,10 +63,11 @@ def test_tpr_read_exactly_on_a_corner(hand_roc):
 def test_perfect_separation_gives_one_everywhere_with_a_degenerate_interval():
     labels = np.r_[np.ones(5, bool), np.zeros(5, bool)]
     scores = np.r_[np.arange(10.0, 15.0), np.arange(5.0)]
-    m = labelled_metrics(labels, scores, bootstrap_rounds=30)
-    assert {k: m[k] for k in KEYS} == {k: 1.0 for k in KEYS}
-    for k in KEYS:
-        assert m[f"{k}_ci95"] == pytest.approx([1.0, 1.0], abs=1e-12)
+    assert point_metrics(labels, scores) == pytest.approx({k: 1.0 for k in KEYS}, abs=1e-12)
+    intervals = bootstrap_intervals(labels, scores, rounds=30)
+    assert set(intervals) == set(KEYS)
+    for interval in intervals.values():
+        assert interval == pytest.approx([1.0, 1.0], abs=1e-12)
 
 
 def test_inverted_scores_give_auc_zero():
@@ -74,13 +77,31 @@ def test_inverted_scores_give_auc_zero():
     assert (m["auc"], m["tpr_at_1pct_fpr"], m["tpr_at_0_1pct_fpr"]) == (0.0, 0.0, 0.0)
 
 
-def test_labelled_metrics_report_every_key_and_counts(hand_roc):
-    m = labelled_metrics(*hand_roc, bootstrap_rounds=5)
-    assert set(m) == {"n", "n_members", *KEYS, *(f"{k}_ci95" for k in KEYS)}
-    assert (m["n"], m["n_members"]) == (210, 10)
-    assert m["auc"] == pytest.approx(0.7975, abs=1e-12)
-    assert m["tpr_at_1pct_fpr"] == pytest.approx(0.7, abs=1e-12)
-    assert m["tpr_at_0_1pct_fpr"] == pytest.approx(0.44, abs=1e-12)
+@pytest.fixture
+def hand_roc_1000():
+    """1000 non-members (enough to resolve a 0.1% FPR) and 10 members, ROC known by hand.
+
+    Non-members score 999, 998, 997, 996, 995, ten at 990, then 985, 984, ..., 1. Members:
+    four at 5000, two tied with the non-member at 999, two tied with the ten at 990, two at
+    -1. Corners: (0, 0.4), (0.001, 0.6), (0.005, 0.6), (0.015, 0.8), (1, 0.8), (1, 1).
+    """
+    nonmembers = np.r_[999.0, 998.0, 997.0, 996.0, 995.0, [990.0] * 10, np.arange(985.0, 0.0, -1)]
+    members = np.r_[[5000.0] * 4, [999.0] * 2, [990.0] * 2, [-1.0] * 2]
+    assert nonmembers.shape == (1000,)
+    return np.r_[np.ones(10, bool), np.zeros(1000, bool)], np.r_[members, nonmembers]
+
+
+def test_labelled_metrics_report_every_metric_with_its_interval_and_counts(hand_roc_1000):
+    m = labelled_metrics(*hand_roc_1000, bootstrap_rounds=5)
+    assert {"n", "n_members", *KEYS, *(f"{k}_ci95" for k in KEYS)} <= set(m)
+    assert (m["n"], m["n_members"]) == (1010, 10)
+    # Pairs won: 4 x 1000 + 2 x (999 + 0.5) + 2 x (985 + 10 x 0.5) = 7979 of 10 x 1000.
+    assert m["auc"] == pytest.approx(0.7979, abs=1e-12)
+    assert m["tpr_at_1pct_fpr"] == pytest.approx(0.7, abs=1e-12)  # halfway along the tie
+    assert m["tpr_at_0_1pct_fpr"] == pytest.approx(0.6, abs=1e-12)  # on the first corner
+    for name in KEYS:
+        low, high = m[f"{name}_ci95"]
+        assert 0.0 <= low <= high <= 1.0
 
 
 def resampled_metrics(labels, scores, rounds, seed):
@@ -99,14 +120,17 @@ def resampled_metrics(labels, scores, rounds, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 7])
-def test_bootstrap_interval_is_the_central_95_percent_of_the_resamples(hand_roc, seed):
-    labels, scores = hand_roc
+def test_bootstrap_interval_is_the_central_95_percent_of_the_resamples(hand_roc_1000, seed):
+    labels, scores = hand_roc_1000
     m = labelled_metrics(labels, scores, bootstrap_rounds=60, seed=seed)
+    intervals = bootstrap_intervals(labels, scores, 60, seed)
     for name, values in resampled_metrics(labels, scores, 60, seed).items():
         assert len(values) == 60
         expected = np.percentile(values, [2.5, 97.5])
-        np.testing.assert_allclose(m[f"{name}_ci95"], expected, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(intervals[name], expected, rtol=0, atol=1e-12)
         assert not np.allclose(np.percentile(values, [5, 95]), expected)  # the level matters
+        if m[name] is not None:  # resolved: reported with its interval
+            np.testing.assert_allclose(m[f"{name}_ci95"], expected, rtol=0, atol=1e-12)
 
 
 def test_bootstrap_skips_resamples_with_one_class():
@@ -161,3 +185,12 @@ def test_detection_threshold_lets_through_the_chosen_fraction_of_non_members():
     threshold = detection_threshold(calibration, fpr=0.01)
     assert threshold == pytest.approx(990.0)
     assert (calibration > threshold).sum() == 10
+
+
+def test_default_bootstrap_is_200_rounds_from_seed_0(hand_roc_1000):
+    labels, scores = hand_roc_1000
+    m = labelled_metrics(labels, scores)
+    assert m == labelled_metrics(labels, scores, bootstrap_rounds=200, seed=0)
+    assert m != labelled_metrics(labels, scores, bootstrap_rounds=199, seed=0)
+    assert bootstrap_intervals(labels, scores, 20) == bootstrap_intervals(labels, scores, 20, 0)
+    assert bootstrap_intervals(labels, scores, 20) != bootstrap_intervals(labels, scores, 20, 1)

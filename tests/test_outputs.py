@@ -99,9 +99,17 @@ def test_out_over_the_project_folder_is_refused(models, tmp_path, monkeypatch, c
     assert snapshot(project) == before
 
 
-@pytest.mark.parametrize("where", ["data-folder", "inside-target", "the-data-file"])
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        ("data-folder", "is --data"),
+        ("above-the-data", "contains --data"),
+        ("inside-target", "lies inside --target"),
+        ("the-data-file", "is a file, not a directory"),
+    ],
+)
 def test_out_overlapping_an_input_is_refused_before_anything_is_read(
-    models, tmp_path, where, capsys
+    models, tmp_path, where, expected, capsys
 ):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -109,12 +117,13 @@ def test_out_overlapping_an_input_is_refused_before_anything_is_read(
     target = shutil.copytree(models.full, tmp_path / "target")
     out = {
         "data-folder": data_dir,
+        "above-the-data": tmp_path,
         "inside-target": target / "audit",
         "the-data-file": data_dir / "eval.parquet",
     }[where]
     before = snapshot(tmp_path)
     assert main(audit_args(models, out, data=data_dir, target=target)) == 2
-    refused(capsys, "choose a separate output location")
+    refused(capsys, expected)
     assert snapshot(tmp_path) == before
     assert not (target / "audit").exists()
 

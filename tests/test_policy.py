@@ -12,8 +12,15 @@ from ezmia.errors import InputError
 from ezmia.policy import METRICS, OPERATOR_ONLY, Policy, Thresholds, judge, read_options
 from ezmia.summary import VERDICT_RULES, verdict
 
-QUIET = {"auc": 0.5, "tpr_at_1pct_fpr": 0.0, "tpr_at_0_1pct_fpr": 0.0}
-DEFAULT_LIMITS = {v for v in Thresholds().model_dump().values() if v is not None}
+NOTHING_FLAGGED = {"tpr": 0.0, "tpr_exact_ci95": [0.0, 0.004]}
+QUIET = {  # 1000 non-members resolve both reported rates
+    "auc": 0.5,
+    "tpr_at_1pct_fpr": 0.0,
+    "tpr_at_0_1pct_fpr": 0.0,
+    "n_nonmembers": 1000,
+    "operating_points": {"tpr_at_1pct_fpr": NOTHING_FLAGGED, "tpr_at_0_1pct_fpr": NOTHING_FLAGGED},
+}
+DEFAULT_LIMITS = {v for v in Thresholds().model_dump(exclude={"score"}).values() if v is not None}
 
 
 def leakage(**ez: float) -> dict:

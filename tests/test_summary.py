@@ -5,23 +5,37 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import sysconfig
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from ezmia.cli import main
+from ezmia.demo.corpus import _SKIP_DIRS, _file_docstrings
 from ezmia.scores import EZ_OK, EZ_STATUSES, EZ_TOO_FEW_ERRORS, SCORE_COLUMNS
 from ezmia.summary import (
     MIN_SCORED_MEMBERS,
     MIN_SCORED_NONMEMBERS,
     VERDICT_RULES,
     build_summary,
+    detection_verdict,
     verdict,
 )
 from tests.conftest import audit_args
 
 LIMITS = {(level, key): limit for level, key, limit in VERDICT_RULES}
-QUIET = {"auc": 0.5, "tpr_at_1pct_fpr": 0.0, "tpr_at_0_1pct_fpr": 0.0}  # no rule applies
+NOTHING_FLAGGED = {"tpr": 0.0, "tpr_exact_ci95": [0.0, 0.004]}
+QUIET = {  # no rule applies; 1000 non-members resolve both reported rates
+    "auc": 0.5,
+    "tpr_at_1pct_fpr": 0.0,
+    "tpr_at_0_1pct_fpr": 0.0,
+    "n_nonmembers": 1000,
+    "operating_points": {"tpr_at_1pct_fpr": NOTHING_FLAGGED, "tpr_at_0_1pct_fpr": NOTHING_FLAGGED},
+}
 
 
 def below(limit: float) -> float:
@@ -114,3 +128,88 @@ def test_audit_of_unscorable_rows_reports_insufficient_not_safe(models, tmp_path
     assert "Too few scored rows for a verdict" in capsys.readouterr().out
     report = (out / "report.html").read_text()
     assert "Leakage risk: insufficient" in report and "0 members and 0 non-members" in report
+
+
+def leakage_table(n_members: int, n_nonmembers: int, strong: str, seed: int = 0) -> pa.Table:
+    """Scores where ``strong`` separates members perfectly and every other score is noise."""
+    rng = np.random.default_rng(seed)
+    members = np.r_[np.ones(n_members, bool), np.zeros(n_nonmembers, bool)]
+    columns = {name: pa.array(rng.random(members.size)) for name in SCORE_COLUMNS}
+    columns[strong] = pa.array(members + rng.random(members.size) * 0.5)
+    statuses = [EZ_OK] * members.size
+    return pa.table({**columns, "ez_status": statuses, "is_member": members})
+
+
+def test_the_strongest_attack_decides_and_is_named_beside_ez():
+    table = leakage_table(200, 1000, strong="ref_ratio")
+    summary = build_summary(table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
+    found = summary["verdict"]
+    assert (found["level"], found["score"], found["fpr"]) == ("high", "ref_ratio", 0.001)
+    assert "At 0.1% false positives" in found["text"] and "ref_ratio" in found["text"]
+    assert "identifies 100.0% of the training records" in found["text"]
+    assert "EZ: " in found["text"]  # EZ's own figures stay in view
+    assert summary["metrics"]["ez_score"]["auc"] < 0.6
+
+
+def test_the_headline_uses_the_lowest_rate_the_non_members_resolve():
+    table = leakage_table(200, 150, strong="ez_score")
+    summary = build_summary(table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
+    assert summary["verdict"]["fpr"] == 0.01
+    assert (
+        "At 1.0% false positives (the lowest rate 150 non-members resolve)"
+        in (summary["verdict"]["text"])
+    )
+    assert "0.1%" not in summary["verdict"]["text"]
+    assert summary["metrics"]["ez_score"]["tpr_at_0_1pct_fpr"] is None
+
+
+@pytest.mark.parametrize(("claimed", "claim"), [(0.5, "refuted"), (50.0, "not refuted")])
+def test_a_claimed_epsilon_is_refuted_only_below_the_bound(claimed, claim):
+    table = leakage_table(500, 500, strong="ez_score")
+    summary = build_summary(
+        table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None, claimed_epsilon=claimed
+    )
+    privacy = summary["privacy"]
+    assert privacy["epsilon_lower_bound"] > 3 and privacy["claim"] == claim
+    assert f"The claimed epsilon {claimed:g} is {claim}." in summary["verdict"]["privacy"]
+
+
+def by_package_split(n: int) -> tuple[list[str], list[str]]:
+    """Docstrings of stdlib modules a-l as members, m-z as non-members (a biased split)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    first, second = [], []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).parts
+        if not _SKIP_DIRS.intersection(parts[:-1]):
+            side = first if parts[0] < "m" else second
+            side += [d for d in _file_docstrings(path) if len(d) >= 200]
+    rng = random.Random(0)
+    return rng.sample(first, n), rng.sample(second, n)
+
+
+def test_an_audit_of_a_split_biased_by_source_warns_and_a_random_one_does_not(models, tmp_path):
+    members, nonmembers = by_package_split(120)
+    for name, texts in (("members", members), ("nonmembers", nonmembers)):
+        pq.write_table(pa.table({"text": texts}), tmp_path / f"{name}.parquet")
+    out = tmp_path / "biased"
+    args = ["audit", "--target", str(models.full), "--reference", str(models.base),
+            "--members", str(tmp_path / "members.parquet"), "--nonmembers",
+            str(tmp_path / "nonmembers.parquet"), "--out", str(out), "--max-length", "32",
+            "--bootstrap-rounds", "50"]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["blind_baseline"]["distinguishable"] is True
+    assert "told apart without the model" in summary["verdict"]["warnings"][0]
+    assert "told apart without the model" in (out / "report.html").read_text()
+    random_split = tmp_path / "random"
+    assert main(audit_args(models, random_split, bootstrap_rounds=50)) == 0
+    summary = json.loads((random_split / "summary.json").read_text())
+    assert summary["blind_baseline"]["distinguishable"] is False
+    assert summary["verdict"]["warnings"] == []
+
+
+def test_detection_says_whether_more_candidates_are_flagged_than_chance_would():
+    detection = {"fpr": 0.01, "threshold": 1.0, "n_calibration": 1000}
+    assert detection_verdict(detection, 2, 100)["level"] == "no evidence"
+    likely = detection_verdict(detection, 30, 100)
+    assert likely["level"] == "members likely" and "30 of 100 candidates" in likely["text"]

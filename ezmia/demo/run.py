@@ -127,8 +127,9 @@ def table(summaries: dict[str, dict]) -> str:
         row = f"{LABELS[score]:<10}"
         for summary in summaries.values():
             m = summary["metrics"].get(score)
-            values = (
-                (f"{m['auc']:.3f}", f"{m['tpr_at_1pct_fpr']:.1%}", f"{m['tpr_at_0_1pct_fpr']:.1%}")
+            rates = [m.get(k) for k in ("tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")] if m else []
+            values = (  # "n/r": too few non-members to resolve the rate
+                (f"{m['auc']:.3f}", *(f"{r:.1%}" if r is not None else "n/r" for r in rates))
                 if m
                 else ("n/a", "", "")
             )
