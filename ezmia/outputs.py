@@ -107,14 +107,20 @@ def _read_manifest(out: str, entries: set[str]) -> set[str] | None:
         return None
     try:
         files = json.loads(storage.read_bytes(storage.join(out, MANIFEST)))["files"]
-        if not all(isinstance(f, str) for f in files):
-            raise TypeError("file names must be strings")
+        strange = [f for f in files if not (isinstance(f, str) and _is_audit_file(f))]
+        if strange:
+            raise ValueError(f"{strange[0]!r} is not a file an audit writes")
     except (ValueError, KeyError, TypeError) as err:
         raise OutputError(
-            f"{storage.join(out, MANIFEST)}: unreadable ezmia manifest ({err}); ezmia cannot "
+            f"--out {out}: unreadable ezmia manifest {MANIFEST} ({err}); ezmia cannot "
             "tell its own files from others there: choose another --out"
         ) from err
     return set(files)
+
+
+def _is_audit_file(name: str) -> bool:
+    """Whether ``name`` (relative to the output location) is one an audit writes."""
+    return name in (SUMMARY, REPORT, SUCCESS) or bool(_PART.fullmatch(name))
 
 
 def _owned(out: str, entries: set[str]) -> set[str]:
@@ -122,7 +128,7 @@ def _owned(out: str, entries: set[str]) -> set[str]:
     for an output older than manifests, files named as an audit names them."""
     listed = _read_manifest(out, entries)
     if listed is None:
-        legacy = {e for e in entries if e in (SUMMARY, REPORT, SUCCESS) or _PART.fullmatch(e)}
+        legacy = {e for e in entries if _is_audit_file(e)}
         return legacy if any(_PART.fullmatch(e) for e in legacy) else set()
     listed.add(MANIFEST)
     temps = set()

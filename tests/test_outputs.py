@@ -341,3 +341,22 @@ def test_two_audits_started_together_end_with_one_complete_output(models, tmp_pa
     scores = pq.read_table(out / "scores")
     summary = json.loads((out / "summary.json").read_text())
     assert scores.num_rows == summary["n_rows"] == pq.read_metadata(models.eval).num_rows
+
+
+@pytest.mark.parametrize(
+    "listed", ["../victim.txt", "/etc/hostname", "scores/../../victim.txt", "notes.txt", 7]
+)
+def test_a_manifest_naming_other_files_is_refused_and_nothing_is_deleted(
+    models, tmp_path, listed, capsys
+):
+    """A tampered or foreign manifest can never make ezmia delete what it lists."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    out = tmp_path / "audit"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / outputs.MANIFEST).write_text(json.dumps({"files": [listed, "summary.json"]}))
+    before = snapshot(tmp_path)
+    assert main(audit_args(models, out, "--overwrite")) == 2
+    refused(capsys, "unreadable ezmia manifest", "choose another --out")
+    assert snapshot(tmp_path) == before
