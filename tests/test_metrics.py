@@ -12,6 +12,8 @@ from ezmia.metrics import (
     detection_threshold,
     exact_interval,
     labelled_metrics,
+    min_nonmembers,
+    operating_point,
     point_metrics,
     tpr_at_fpr,
 )
@@ -119,13 +121,12 @@ def resampled_metrics(labels, scores, rounds, seed):
     return values
 
 
-@pytest.mark.parametrize("seed", [0, 7])
-def test_bootstrap_interval_is_the_central_95_percent_of_the_resamples(hand_roc_1000, seed):
-    labels, scores = hand_roc_1000
-    m = labelled_metrics(labels, scores, bootstrap_rounds=60, seed=seed)
-    intervals = bootstrap_intervals(labels, scores, 60, seed)
-    for name, values in resampled_metrics(labels, scores, 60, seed).items():
-        assert len(values) == 60
+def test_bootstrap_interval_is_the_central_95_percent_of_the_resamples(hand_roc_1000):
+    labels, scores, seed = *hand_roc_1000, 7
+    m = labelled_metrics(labels, scores, bootstrap_rounds=40, seed=seed)
+    intervals = bootstrap_intervals(labels, scores, 40, seed)
+    for name, values in resampled_metrics(labels, scores, 40, seed).items():
+        assert len(values) == 40
         expected = np.percentile(values, [2.5, 97.5])
         np.testing.assert_allclose(intervals[name], expected, rtol=0, atol=1e-12)
         assert not np.allclose(np.percentile(values, [5, 95]), expected)  # the level matters
@@ -187,10 +188,98 @@ def test_detection_threshold_lets_through_the_chosen_fraction_of_non_members():
     assert (calibration > threshold).sum() == 10
 
 
-def test_default_bootstrap_is_200_rounds_from_seed_0(hand_roc_1000):
-    labels, scores = hand_roc_1000
+def test_default_bootstrap_is_200_rounds_from_seed_0():
+    labels = np.arange(60) % 2 == 0
+    scores = np.random.default_rng(5).normal(size=60) + labels
     m = labelled_metrics(labels, scores)
     assert m == labelled_metrics(labels, scores, bootstrap_rounds=200, seed=0)
-    assert m != labelled_metrics(labels, scores, bootstrap_rounds=199, seed=0)
+    assert m["auc_ci95"] != labelled_metrics(labels, scores, 201, seed=0)["auc_ci95"]
+    assert m["auc_ci95"] != labelled_metrics(labels, scores, 200, seed=1)["auc_ci95"]
     assert bootstrap_intervals(labels, scores, 20) == bootstrap_intervals(labels, scores, 20, 0)
     assert bootstrap_intervals(labels, scores, 20) != bootstrap_intervals(labels, scores, 20, 1)
+
+
+@pytest.mark.parametrize(
+    ("fpr", "needed"), [(0.01, 100), (0.001, 1000), (0.05, 20), (0.3, 4), (0.5, 2), (1 / 3, 3)]
+)
+def test_an_fpr_needs_its_reciprocal_in_non_members_rounded_up(fpr, needed):
+    assert min_nonmembers(fpr) == needed
+
+
+def test_a_tpr_the_non_members_cannot_resolve_is_null_with_an_upper_bound(hand_roc):
+    # 200 non-members resolve 1% (needs 100) but not 0.1% (needs 1000); the bound is the TPR
+    # at 1/200, the corner (0.005, 0.6).
+    m = labelled_metrics(*hand_roc, bootstrap_rounds=5)
+    assert m["n_nonmembers"] == 200
+    assert (m["tpr_at_0_1pct_fpr"], m["tpr_at_0_1pct_fpr_ci95"]) == (None, None)
+    assert m["unresolved"] == {
+        "tpr_at_0_1pct_fpr": {
+            "fpr": 0.001,
+            "needs_nonmembers": 1000,
+            "upper_bound": pytest.approx(0.6, abs=1e-12),
+            "upper_bound_at_fpr": 0.005,
+        }
+    }
+    assert m["tpr_at_1pct_fpr"] == pytest.approx(0.7, abs=1e-12)
+    assert len(m["tpr_at_1pct_fpr_ci95"]) == 2
+    assert bounded_value(m, "tpr_at_0_1pct_fpr") == pytest.approx(0.6, abs=1e-12)
+    assert bounded_value(m, "tpr_at_1pct_fpr") == pytest.approx(0.7, abs=1e-12)
+    assert bounded_value(m, "auc") == pytest.approx(0.7975, abs=1e-12)
+    assert set(m["operating_points"]) == {"tpr_at_1pct_fpr"}
+
+
+@pytest.mark.parametrize(("n_nonmembers", "resolved"), [(99, False), (100, True), (101, True)])
+def test_one_percent_fpr_is_resolved_from_exactly_100_non_members(n_nonmembers, resolved):
+    labels = np.r_[np.ones(3, bool), np.zeros(n_nonmembers, bool)]
+    scores = np.r_[[1000.0, 1001.0, -1.0], np.arange(float(n_nonmembers))]
+    m = labelled_metrics(labels, scores, bootstrap_rounds=0)
+    assert (m["tpr_at_1pct_fpr"] is not None) == resolved
+    assert ("tpr_at_1pct_fpr" in m["unresolved"]) == (not resolved)
+    assert ("tpr_at_1pct_fpr" in m["operating_points"]) == resolved
+    assert bounded_value(m, "tpr_at_1pct_fpr") == pytest.approx(2 / 3, abs=1e-12)
+
+
+def test_operating_points_flag_scores_strictly_above_the_threshold(hand_roc_1000):
+    labels, scores = hand_roc_1000
+    # 1%: 10 false positives allowed; the 11th highest non-member score is one of the ten at
+    # 990, so only the five above 990 are flagged, with the six members above it.
+    one = operating_point(labels, scores, 0.01)
+    assert {k: one[k] for k in ("threshold", "tp", "fp", "n_members", "n_nonmembers")} == {
+        "threshold": 990.0,
+        "tp": 6,
+        "fp": 5,
+        "n_members": 10,
+        "n_nonmembers": 1000,
+    }
+    assert (one["tpr"], one["fpr"]) == (0.6, 0.005)
+    assert one["tpr_exact_ci95"] == exact_interval(6, 10)
+    assert one["fpr_exact_ci95"] == exact_interval(5, 1000)
+    tenth = operating_point(labels, scores, 0.001)  # one allowed: threshold 998
+    assert (tenth["threshold"], tenth["tp"], tenth["fp"]) == (998.0, 6, 1)
+    assert labelled_metrics(labels, scores, 0)["operating_points"] == {
+        "tpr_at_1pct_fpr": one,
+        "tpr_at_0_1pct_fpr": tenth,
+    }
+
+
+def test_an_operating_point_allowing_every_non_member_flags_everything():
+    point = operating_point(np.array([True, False]), np.array([0.0, 1.0]), 1.0)
+    assert (point["threshold"], point["tp"], point["fp"]) == (-np.inf, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("successes", "trials", "expected"),
+    [
+        (0, 10, [0.0, 1 - 0.025**0.1]),  # closed form at 0: 1 - (alpha/2)^(1/n)
+        (10, 10, [0.025**0.1, 1.0]),
+        (0, 1, [0.0, 0.975]),
+        (1, 1, [0.025, 1.0]),
+        (5, 10, [0.187086, 0.812914]),  # the textbook Clopper-Pearson interval of 5/10
+    ],
+)
+def test_exact_interval_is_clopper_pearson(successes, trials, expected):
+    assert exact_interval(successes, trials) == pytest.approx(expected, abs=1e-6)
+
+
+def test_exact_interval_level_is_a_parameter():
+    assert exact_interval(0, 10, level=0.9) == pytest.approx([0.0, 1 - 0.05**0.1], abs=1e-12)

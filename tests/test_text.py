@@ -4,9 +4,11 @@ hashes of the whole text, and texts without tokens (real tokenizer of the test m
 from __future__ import annotations
 
 import hashlib
+import json
 import zlib
 
 import pytest
+from tokenizers import processors
 
 from ezmia.errors import ModelError
 from ezmia.text import load_tokenizer, text_hash, tokenize
@@ -95,4 +97,37 @@ def test_text_hash_is_sha256_of_utf8():
 
 def test_a_folder_without_a_tokenizer_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match=str(tmp_path)):
+        load_tokenizer(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_with_extras(models, tmp_path_factory):
+    """The test tokenizer saved with a BOS post-processor and a built-in 5-token truncation."""
+    tokenizer = load_tokenizer(models.tokenizer)
+    bos = tokenizer.all_special_tokens[0]
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))]
+    )
+    tokenizer.backend_tokenizer.enable_truncation(5)
+    path = tmp_path_factory.mktemp("tokenizer-extras")
+    tokenizer.save_pretrained(path)
+    assert json.loads((path / "tokenizer.json").read_text())["truncation"]["max_length"] == 5
+    return load_tokenizer(path)
+
+
+def test_a_tokenizer_that_adds_special_tokens_does_not_add_them_here(tokenizer_with_extras):
+    with_bos = tokenizer_with_extras(WORDS)["input_ids"]
+    tokens = tokenize(tokenizer_with_extras, [WORDS], max_length=12)
+    assert tokens.input_ids == [with_bos[1:13]]
+    assert tokens.input_ids[0][0] != with_bos[0]
+
+
+def test_a_truncation_saved_in_the_tokenizer_does_not_shorten_rows(tokenizer_with_extras):
+    tokens = tokenize(tokenizer_with_extras, [WORDS], max_length=12)
+    assert len(tokens.input_ids[0]) == 12 and tokens.truncated == [True]
+
+
+def test_a_slow_tokenizer_is_refused(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "ByT5Tokenizer"}')
+    with pytest.raises(ModelError, match="fast \\(Rust\\) tokenizer"):
         load_tokenizer(tmp_path)
