@@ -18,7 +18,9 @@ import pyarrow.parquet as pq
 from ezmia import storage
 from ezmia.audit import AuditResult
 from ezmia.config import AuditConfig
-from ezmia.schema import INDEX_METRICS, INDEX_SCHEMA, INDEX_SCORES, SCHEMA_VERSION
+from ezmia.metrics import METRICS
+from ezmia.schema import SCHEMA_VERSION, index_schema
+from ezmia.scores import SCORES
 
 
 def today() -> str:
@@ -64,9 +66,9 @@ def index_row(result: AuditResult, dataset: str) -> dict:
     low, high = blind.get("auc_ci95") or [None, None]
     row.update(blind_auc=blind.get("auc"), blind_auc_lo=low, blind_auc_hi=high,
                blind_distinguishable=blind.get("distinguishable"))  # fmt: skip
-    for score in INDEX_SCORES:
+    for score in SCORES:
         values = summary.get("metrics", {}).get(score, {})
-        for metric in INDEX_METRICS:
+        for metric in METRICS:
             name = f"{score}_{metric}"
             low, high = values.get(f"{metric}_ci95") or [None, None]
             row.update({name: values.get(metric), f"{name}_lo": low, f"{name}_hi": high})
@@ -84,9 +86,10 @@ def write_index(
     if not rows:
         return None
     folder = storage.join(root, "index", f"date={date or today()}")
+    schema = index_schema()
     for row in rows:
         buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist([row], schema=INDEX_SCHEMA), buffer)
+        pq.write_table(pa.Table.from_pylist([row], schema=schema), buffer)
         key = hashlib.sha256(row["report_uri"].encode()).hexdigest()[:24]
         storage.write_bytes(storage.join(folder, f"audits-{key}.parquet"), buffer.getvalue(),
                             encryption)  # fmt: skip

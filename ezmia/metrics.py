@@ -8,6 +8,14 @@ import math
 import numpy as np
 
 FPR_POINTS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
+METRICS = ("auc", *FPR_POINTS)
+"""Every point metric of a score, in table order: the index's columns, the report's table,
+the policy's limits (``max_<metric>``)."""
+
+
+def metric_label(name: str) -> str:
+    """A metric's display name: "AUC" or "TPR @ 1% FPR"."""
+    return "AUC" if name == "auc" else f"TPR @ {100 * FPR_POINTS[name]:g}% FPR"
 
 
 def roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

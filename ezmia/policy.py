@@ -20,7 +20,7 @@ from pydantic import Field, create_model, field_validator
 from ezmia import storage
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
 from ezmia.errors import InputError
-from ezmia.metrics import bounded_value
+from ezmia.metrics import METRICS, bounded_value
 from ezmia.summary import VERDICT_RULES, exceeds
 
 SET_BY_SCAN = ("target", "out", "name", "overwrite")
@@ -30,7 +30,6 @@ SET_BY_SCAN = ("target", "out", "name", "overwrite")
 OPERATOR_ONLY = ("trust_remote_code", "allow_pickle", "include_text", "cache_dir", "sse",
                  "sse_kms_key_id", "engine", "ray.address")  # fmt: skip
 PATH_KEYS = ("members", "nonmembers", "data", "calibration", "reference")
-METRICS = ("tpr_at_0_1pct_fpr", "tpr_at_1pct_fpr", "auc")
 
 LIST_KEYS = [n for n, f in AuditConfig.model_fields.items() if get_origin(f.annotation) is list]
 

@@ -7,35 +7,39 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from ezmia.metrics import METRICS
+from ezmia.scores import SCORES
+
 SCHEMA_VERSION = (
     2  # 2: index gains verdict_score, blind_auc*, epsilon_lower_bound; TPRs null when unresolved
 )
 
-SCORE_FIELDS = [
-    pa.field("ez_score", pa.float64()),
-    pa.field("ez_status", pa.string()),
-    pa.field("n_tokens", pa.int32()),
-    pa.field("n_scored", pa.int32()),
-    pa.field("n_errors", pa.int32()),
-    pa.field("truncated", pa.bool_()),
-    pa.field("loss", pa.float64()),
-    pa.field("ref_ratio", pa.float64()),
-    pa.field("zlib", pa.float64()),
-    pa.field("min_k", pa.float64()),
-    pa.field("min_k_pp", pa.float64()),
-    pa.field("text_sha256", pa.string()),
-    pa.field("source_row", pa.int64()),
-    pa.field("backend", pa.string()),
-]
-"""Columns of ``scores/*.parquet`` after ``id``; then ``is_member``/``flagged``/``text``
-when present. Every score column: higher = more member-like."""
+
+def score_fields() -> list[pa.Field]:
+    """Columns of ``scores/*.parquet`` after ``id``: EZ with its status and counts, every
+    other registered score, then the row's provenance. Every score column: higher = more
+    member-like."""
+    others = [pa.field(column, pa.float64()) for column in SCORES if column != "ez_score"]
+    return [
+        pa.field("ez_score", pa.float64()),
+        pa.field("ez_status", pa.string()),
+        pa.field("n_tokens", pa.int32()),
+        pa.field("n_scored", pa.int32()),
+        pa.field("n_errors", pa.int32()),
+        pa.field("truncated", pa.bool_()),
+        *others,
+        pa.field("text_sha256", pa.string()),
+        pa.field("source_row", pa.int64()),
+        pa.field("backend", pa.string()),
+    ]
 
 
 def scores_schema(
     id_type: pa.DataType, labelled: bool, flagged: bool, with_text: bool
 ) -> pa.Schema:
-    """The scores table's schema for one audit's options."""
-    fields = [pa.field("id", id_type), *SCORE_FIELDS]
+    """The scores table's schema for one audit's options: ``id``, ``score_fields()``, then
+    ``is_member``/``flagged``/``text`` when present."""
+    fields = [pa.field("id", id_type), *score_fields()]
     if labelled:
         fields.append(pa.field("is_member", pa.bool_()))
     if flagged:
@@ -45,50 +49,45 @@ def scores_schema(
     return pa.schema(fields, metadata={"ezmia_schema_version": str(SCHEMA_VERSION)})
 
 
-INDEX_METRICS = ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")
-INDEX_SCORES = ("ez_score", "loss", "ref_ratio", "zlib", "min_k", "min_k_pp")
+def metric_columns() -> list[str]:
+    """The index's ``<score>_<metric>`` columns, each with ``_lo``/``_hi`` beside it."""
+    return [f"{score}_{metric}" for score in SCORES for metric in METRICS]
 
 
-def _metric_fields() -> list[pa.Field]:
-    fields = []
-    for score in INDEX_SCORES:
-        for metric in INDEX_METRICS:
-            name = f"{score}_{metric}"
-            fields += [
-                pa.field(name, pa.float64()),
-                pa.field(f"{name}_lo", pa.float64()),
-                pa.field(f"{name}_hi", pa.float64()),
-            ]
-    return fields
-
-
-INDEX_SCHEMA = pa.schema(
-    [
-        pa.field("audited_at", pa.timestamp("us", tz="UTC")),
-        pa.field("checkpoint", pa.string()),
-        pa.field("target", pa.string()),
-        pa.field("reference", pa.string()),
-        pa.field("target_is_adapter", pa.bool_()),
-        pa.field("target_fingerprint", pa.string()),
-        pa.field("dataset", pa.string()),
-        pa.field("mode", pa.string()),
-        pa.field("n", pa.int64()),
-        pa.field("n_ok", pa.int64()),
-        pa.field("backend", pa.string()),
-        *_metric_fields(),
-        pa.field("verdict", pa.string()),
-        pa.field("verdict_score", pa.string()),
-        pa.field("blind_auc", pa.float64()),
-        pa.field("blind_auc_lo", pa.float64()),
-        pa.field("blind_auc_hi", pa.float64()),
-        pa.field("blind_distinguishable", pa.bool_()),
-        pa.field("epsilon_lower_bound", pa.float64()),
-        pa.field("report_uri", pa.string()),
-        pa.field("schema_version", pa.int32()),
-    ],
-    metadata={"ezmia_schema_version": str(SCHEMA_VERSION)},
-)
-"""``OUT/index/date=YYYY-MM-DD/*.parquet``: one row per audit (org-wide job and nightly scan)."""
+def index_schema() -> pa.Schema:
+    """``OUT/index/date=YYYY-MM-DD/*.parquet``: one row per audit (org-wide job and nightly
+    scan), with every registered score's metrics and their 95% intervals."""
+    metrics = [
+        pa.field(f"{name}{end}", pa.float64())
+        for name in metric_columns()
+        for end in ("", "_lo", "_hi")
+    ]
+    return pa.schema(
+        [
+            pa.field("audited_at", pa.timestamp("us", tz="UTC")),
+            pa.field("checkpoint", pa.string()),
+            pa.field("target", pa.string()),
+            pa.field("reference", pa.string()),
+            pa.field("target_is_adapter", pa.bool_()),
+            pa.field("target_fingerprint", pa.string()),
+            pa.field("dataset", pa.string()),
+            pa.field("mode", pa.string()),
+            pa.field("n", pa.int64()),
+            pa.field("n_ok", pa.int64()),
+            pa.field("backend", pa.string()),
+            *metrics,
+            pa.field("verdict", pa.string()),
+            pa.field("verdict_score", pa.string()),
+            pa.field("blind_auc", pa.float64()),
+            pa.field("blind_auc_lo", pa.float64()),
+            pa.field("blind_auc_hi", pa.float64()),
+            pa.field("blind_distinguishable", pa.bool_()),
+            pa.field("epsilon_lower_bound", pa.float64()),
+            pa.field("report_uri", pa.string()),
+            pa.field("schema_version", pa.int32()),
+        ],
+        metadata={"ezmia_schema_version": str(SCHEMA_VERSION)},
+    )
 
 
 LEDGER_STATUSES = ("audited", "skipped", "failed", "unchanged")

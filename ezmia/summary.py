@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from ezmia.epsilon import DELTA, audit_epsilon
 from ezmia.metrics import FPR_POINTS, labelled_metrics, min_nonmembers
-from ezmia.scores import EZ_OK, EZ_STATUSES, SCORE_COLUMNS
+from ezmia.scores import EZ_OK, EZ_STATUSES, SCORES
 
 VERDICT_RULES = (  # (level, EZ metric, limit): the first rule whose limit is exceeded wins
     ("high", "tpr_at_0_1pct_fpr", 0.05),
@@ -49,11 +49,15 @@ def leakage_metrics(
     labels = scores.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
     metrics: dict[str, dict] = {}
     skipped: dict[str, str] = {}
-    for name in SCORE_COLUMNS:
+    for name, score in SCORES.items():
         values = _column(scores, name)
         finite = np.isfinite(values)
         if not finite.any():
-            skipped[name] = "no finite values (the backend does not provide this statistic)"
+            skipped[name] = "no finite values" + (
+                " (it needs the full next-token distribution, which the backend does not provide)"
+                if score.needs_distribution
+                else ""
+            )
             continue
         kinds = set(labels[finite].tolist())
         if len(kinds) < 2:
