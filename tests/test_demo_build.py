@@ -1,4 +1,5 @@
-"""The offline demo builder: corpus, splits, and one tiny end-to-end build."""
+"""The offline demo builder: corpus, splits, and one tiny end-to-end build on the demo's
+corpus of source chunks (the suite's shared models are built on docstrings)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ezmia.demo.build import DemoArtifacts, build_demo_artifacts
-from ezmia.demo.corpus import collect_docstrings, split_corpus
+from ezmia.demo.build import DEMO_CORPUS, DemoArtifacts, build_demo_artifacts
+from ezmia.demo.corpus import collect_code_chunks, collect_docstrings, split_corpus
 from ezmia.demo.train import TEST_SIZES
 
 COUNTS = (300, 150, 150)
@@ -41,7 +42,9 @@ def test_split_too_small_names_sizes() -> None:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoArtifacts:
-    return build_demo_artifacts(tmp_path_factory.mktemp("demo"), TEST_SIZES, *COUNTS, seed=0)
+    return build_demo_artifacts(
+        tmp_path_factory.mktemp("demo"), TEST_SIZES, *COUNTS, seed=0, corpus=DEMO_CORPUS
+    )
 
 
 def _losses(model: torch.nn.Module, tok: object, texts: list[str]) -> torch.Tensor:
@@ -67,6 +70,12 @@ def test_interrupted_build_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_unknown_corpus_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown demo corpus 'poems': one of docstrings, code"):
+        build_demo_artifacts(tmp_path, TEST_SIZES, *COUNTS, seed=0, corpus="poems")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_build_layout_and_data(demo: DemoArtifacts) -> None:
     assert (demo.root / "_COMPLETE").exists()
     assert not [p for p in demo.root.parent.iterdir() if p.name.startswith(".")]
@@ -87,11 +96,16 @@ def test_build_layout_and_data(demo: DemoArtifacts) -> None:
     assert sum(r["is_member"] for r in rows) == COUNTS[1] and len(rows) == sum(COUNTS[1:])
     assert {r["id"] for r in rows if r["is_member"]} == {r["id"] for r in members}
     assert not {r["text"] for r in members} & {r["text"] for r in nonmembers}
+    chunks = set(collect_code_chunks())
+    assert all(r["text"] in chunks for r in rows)
+    assert json.loads((demo.root / "manifest.json").read_text())["corpus"] == DEMO_CORPUS
 
 
 def test_build_is_cached(demo: DemoArtifacts) -> None:
     lines: list[str] = []
-    again = build_demo_artifacts(demo.root.parent, TEST_SIZES, *COUNTS, seed=0, log=lines.append)
+    again = build_demo_artifacts(
+        demo.root.parent, TEST_SIZES, *COUNTS, seed=0, log=lines.append, corpus=DEMO_CORPUS
+    )
     assert again == demo
     assert len(lines) == 1 and "reusing" in lines[0]
 

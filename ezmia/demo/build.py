@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ezmia.demo.corpus import collect_docstrings, split_corpus
+from ezmia.demo.corpus import collect_code_chunks, collect_docstrings, split_corpus
 from ezmia.demo.train import (
     ModelSizes,
     finetune_full,
@@ -31,8 +31,15 @@ from ezmia.demo.train import (
 
 BUILD_VERSION = 1
 COMPLETE_MARKER = "_COMPLETE"
-# Counts that fit every supported Python's stdlib (>= 2000 docstrings of >= 200 characters).
-DEMO_COUNTS = {"n_pretrain": 1200, "n_members": 300, "n_nonmembers": 300}
+CORPORA: dict[str, Callable[[], list[str]]] = {
+    "docstrings": collect_docstrings,  # >= 2000 texts of >= 200 characters in every stdlib
+    "code": collect_code_chunks,  # >= 20000 chunks of ~128 tokens
+}
+# The demo: 1000 non-members resolve a TPR at 0.1% FPR; members, non-members and the base's
+# pretraining texts are a random split of one pool of source chunks (a split by module would
+# be told apart from the text alone, and the blind baseline would rightly flag it).
+DEMO_CORPUS = "code"
+DEMO_COUNTS = {"n_pretrain": 4000, "n_members": 1000, "n_nonmembers": 1000}
 TEST_COUNTS = {"n_pretrain": 300, "n_members": 60, "n_nonmembers": 60}  # with TEST_SIZES
 
 
@@ -71,22 +78,36 @@ class DemoArtifacts:
 
 
 def _manifest(
-    sizes: ModelSizes, n_pretrain: int, n_members: int, n_nonmembers: int, seed: int
+    sizes: ModelSizes,
+    n_pretrain: int,
+    n_members: int,
+    n_nonmembers: int,
+    seed: int,
+    corpus: str = "docstrings",
 ) -> dict[str, object]:
-    return {
+    manifest = {
         "sizes": asdict(sizes),
         "counts": {"pretrain": n_pretrain, "members": n_members, "nonmembers": n_nonmembers},
         "seed": seed,
         "python": platform.python_version(),
         "version": BUILD_VERSION,
     }
+    if corpus != "docstrings":  # named only when not the first corpus: earlier keys stay valid
+        manifest["corpus"] = corpus
+    return manifest
 
 
 def build_key(
-    sizes: ModelSizes, n_pretrain: int, n_members: int, n_nonmembers: int, seed: int
+    sizes: ModelSizes,
+    n_pretrain: int,
+    n_members: int,
+    n_nonmembers: int,
+    seed: int,
+    corpus: str = "docstrings",
 ) -> str:
-    """Short hash naming a build: sizes, counts, seed, Python version, ``BUILD_VERSION``."""
-    manifest = _manifest(sizes, n_pretrain, n_members, n_nonmembers, seed)
+    """Short hash naming a build: sizes, counts, seed, corpus, Python version,
+    ``BUILD_VERSION``."""
+    manifest = _manifest(sizes, n_pretrain, n_members, n_nonmembers, seed, corpus)
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -121,14 +142,18 @@ def build_demo_artifacts(
     n_nonmembers: int,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    corpus: str = "docstrings",
 ) -> DemoArtifacts:
     """Build the demo into ``cache_dir/<key>/``, or return it at once if already complete.
 
-    The build happens in a temporary sibling directory that is renamed into place after
+    ``corpus`` names the texts (``CORPORA``) split into pretraining data, members and
+    non-members. The build happens in a temporary sibling directory that is renamed into place after
     ``_COMPLETE`` is written, so an interrupted build is never reused.
     """
     cache_dir = Path(cache_dir).resolve()
-    key = build_key(sizes, n_pretrain, n_members, n_nonmembers, seed)
+    if corpus not in CORPORA:
+        raise ValueError(f"unknown demo corpus {corpus!r}: one of {', '.join(CORPORA)}")
+    key = build_key(sizes, n_pretrain, n_members, n_nonmembers, seed, corpus)
     final = DemoArtifacts.at(cache_dir / key)
     if (final.root / COMPLETE_MARKER).exists():
         log(f"demo: reusing {final.root}")
@@ -137,7 +162,7 @@ def build_demo_artifacts(
     tmp = DemoArtifacts.at(Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)))
     try:
         with _one_thread():
-            _build(tmp, sizes, n_pretrain, n_members, n_nonmembers, seed, log)
+            _build(tmp, sizes, n_pretrain, n_members, n_nonmembers, seed, corpus, log)
         set_adapter_base(tmp.lora, final.base)
         (tmp.root / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
         tmp.root.chmod(0o755)  # mkdtemp made it private
@@ -162,17 +187,18 @@ def _build(
     n_members: int,
     n_nonmembers: int,
     seed: int,
+    corpus: str,
     log: Callable[[str], None],
 ) -> None:
     start = time.monotonic()
-    manifest = _manifest(sizes, n_pretrain, n_members, n_nonmembers, seed)
+    manifest = _manifest(sizes, n_pretrain, n_members, n_nonmembers, seed, corpus)
     (out.root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     def step(message: str) -> None:
         log(f"demo: [{time.monotonic() - start:5.1f}s] {message}")
 
-    step("collecting stdlib docstrings")
-    splits = split_corpus(collect_docstrings(), n_pretrain, n_members, n_nonmembers, seed)
+    step(f"collecting the stdlib's {corpus}")
+    splits = split_corpus(CORPORA[corpus](), n_pretrain, n_members, n_nonmembers, seed)
     _write_texts(out.members, splits.members)
     _write_texts(out.nonmembers, splits.nonmembers)
     labelled = [(t, True) for t in splits.members] + [(t, False) for t in splits.nonmembers]

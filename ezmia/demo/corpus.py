@@ -1,4 +1,5 @@
-"""A text corpus built offline from the docstrings of Python's standard library."""
+"""Text corpora built offline from Python's standard library: its docstrings, and chunks of
+its source code (the paper also audits code models)."""
 
 from __future__ import annotations
 
@@ -55,8 +56,7 @@ def _file_docstrings(path: Path) -> list[str]:
 
 @lru_cache(maxsize=2)
 def _all_docstrings(root: Path) -> tuple[str, ...]:
-    paths = sorted(root.rglob("*.py"))
-    paths = [p for p in paths if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
+    paths = _stdlib_sources(root)
     seen: dict[str, None] = {}
     gc_enabled = gc.isenabled()
     gc.disable()  # ASTs are millions of acyclic nodes: collecting them is wasted time
@@ -66,6 +66,52 @@ def _all_docstrings(root: Path) -> tuple[str, ...]:
     finally:
         if gc_enabled:
             gc.enable()
+    return tuple(seen)
+
+
+def collect_code_chunks(max_chars: int = 360, min_chars: int = 200) -> list[str]:
+    """Chunks of the running interpreter's stdlib source: runs of whole lines of at most
+    ``max_chars`` characters (about 128 tokens of the demo's tokenizer), each file cut on its
+    own. The same files as ``collect_docstrings``, read in sorted path order; chunks shorter
+    than ``min_chars`` after stripping are dropped; duplicates keep first place.
+    """
+    chunks = _all_chunks(Path(sysconfig.get_paths()["stdlib"]), max_chars)
+    return [chunk for chunk in chunks if len(chunk) >= min_chars]
+
+
+def _stdlib_sources(root: Path) -> list[Path]:
+    paths = sorted(root.rglob("*.py"))
+    return [p for p in paths if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
+
+
+def _file_chunks(path: Path, max_chars: int) -> list[str]:
+    try:
+        lines = [line.rstrip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except (UnicodeDecodeError, OSError):
+        return []
+    chunks, current, size = [], [], 0
+    for line in lines:
+        if current and size + len(line) + 1 > max_chars:
+            chunks.append(_tidy_code(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line) + 1
+    if current:
+        chunks.append(_tidy_code(current))
+    return chunks
+
+
+def _tidy_code(lines: list[str]) -> str:
+    """Lines joined without blank lines at either end (indentation kept), runs of blank
+    lines cut to one."""
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines).strip("\n"))
+
+
+@lru_cache(maxsize=2)
+def _all_chunks(root: Path, max_chars: int) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for path in _stdlib_sources(root):
+        seen.update((chunk, None) for chunk in _file_chunks(path, max_chars))
     return tuple(seen)
 
 

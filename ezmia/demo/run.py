@@ -1,7 +1,9 @@
 """``ezmia demo``: the paper's full-vs-LoRA comparison in miniature, offline.
 
 Builds (once, cached) a tokenizer, a small GPT-2 base, a full fine-tune and a LoRA
-fine-tune on Python's own docstrings, audits both targets and prints the table. With
+fine-tune on chunks of Python's own source code (a random split of one pool: pretraining
+texts, 1000 members, 1000 non-members), audits both targets and prints the table, with the
+headline at the lowest false-positive rate the non-members resolve. With
 ``--data-uri s3://...`` and a Ray cluster (``RAY_ADDRESS``), the models and data are staged
 in S3 and the audits run as a ``ray job submit`` of ``jobs/audit.py``, as in production.
 The job gets its S3 credentials from the cluster's own chain (the nodes' environment, an
@@ -21,23 +23,15 @@ from pathlib import Path
 import yaml
 
 from ezmia import storage
-from ezmia.demo.build import DEMO_COUNTS, DemoArtifacts, build_demo_artifacts
+from ezmia.demo.build import DEMO_CORPUS, DEMO_COUNTS, DemoArtifacts, build_demo_artifacts
 from ezmia.demo.train import DEMO_SIZES
 from ezmia.models import default_cache_dir
+from ezmia.scores import SCORES
 
 REPO = Path(__file__).resolve().parents[2]
-SCORES = ("ez_score", "loss", "ref_ratio", "zlib", "min_k", "min_k_pp")
 JOB_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
            "EZMIA_CACHE")  # fmt: skip
 """The only variables a demo job takes from the submitting shell: none is a secret."""
-LABELS = {
-    "ez_score": "EZ-MIA",
-    "loss": "LOSS",
-    "ref_ratio": "Ref ratio",
-    "zlib": "zlib",
-    "min_k": "Min-K%",
-    "min_k_pp": "Min-K%++",
-}
 
 
 def batch_spec(artifacts: dict[str, str], out: str, engine: str) -> dict:
@@ -115,32 +109,89 @@ def submit(config_uri: str, timeout_s: float = 1200) -> str:
     return job
 
 
+def _rate(value: float | None) -> str:
+    """A TPR, or "n/r" where the non-members are too few to resolve its FPR."""
+    return f"{value:.1%}" if value is not None else "n/r"
+
+
 def table(summaries: dict[str, dict]) -> str:
-    """The paper's table in miniature: every score, full fine-tune vs LoRA."""
+    """The paper's table in miniature: every registered score (``scores.SCORES``, in its
+    order), full fine-tune vs LoRA; then each audit's blind (text-only) baseline and its
+    empirical epsilon bound."""
     cell = "{:>7} {:>8} {:>9}"
+    width = len(cell.format("", "", ""))
+    first = max(10, *(len(score.label) for score in SCORES.values()))
     lines = [
-        f"{'':<10}" + "".join(f" | {name:^26}" for name in summaries),
-        f"{'score':<10}" + f" | {cell.format('AUC', 'TPR@1%', 'TPR@0.1%')}" * len(summaries),
+        f"{'':<{first}}" + "".join(f" | {name:^{width}}" for name in summaries),
+        f"{'score':<{first}}" + f" | {cell.format('AUC', 'TPR@1%', 'TPR@0.1%')}" * len(summaries),
     ]
     lines.append("-" * len(lines[1]))
-    for score in SCORES:
-        row = f"{LABELS[score]:<10}"
+    for column, score in SCORES.items():
+        row = f"{score.label:<{first}}"
         for summary in summaries.values():
-            m = summary["metrics"].get(score)
-            rates = [m.get(k) for k in ("tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")] if m else []
-            values = (  # "n/r": too few non-members to resolve the rate
-                (f"{m['auc']:.3f}", *(f"{r:.1%}" if r is not None else "n/r" for r in rates))
+            m = summary["metrics"].get(column)
+            values = (
+                (f"{m['auc']:.3f}", _rate(m["tpr_at_1pct_fpr"]), _rate(m["tpr_at_0_1pct_fpr"]))
                 if m
                 else ("n/a", "", "")
             )
             row += f" | {cell.format(*values)}"
         lines.append(row)
+    lines.append("-" * len(lines[1]))
+    blind_row, epsilon_row = f"{'blind AUC':<{first}}", f"{'epsilon >':<{first}}"
+    for summary in summaries.values():
+        blind = summary.get("blind_baseline")
+        low, high = (blind or {}).get("auc_ci95") or (None, None)
+        blind_cell = (
+            f"{blind['auc']:.3f}" + (f" [{low:.2f}-{high:.2f}]" if low is not None else "")
+            if blind
+            else "n/a"
+        )
+        bound = summary.get("privacy")
+        epsilon_cell = (
+            f"{bound['epsilon_lower_bound']:.2f} ({SCORES[bound['score']].label})"
+            if bound
+            else "n/a"
+        )
+        blind_row += f" | {blind_cell:<{width}}"
+        epsilon_row += f" | {epsilon_cell:<{width}}"
+    lines += [blind_row, epsilon_row]
+    return "\n".join(lines)
+
+
+def headline(summaries: dict[str, dict]) -> str:
+    """EZ's TPR on each fine-tune at the lowest FPR the non-members resolve, with its exact
+    interval; then each audit's verdict."""
+    from ezmia.metrics import FPR_POINTS
+
+    lines = []
+    ez = {name: s["metrics"].get("ez_score") for name, s in summaries.items()}
+    resolved = [p for p in FPR_POINTS if all(m and p in m["operating_points"] for m in ez.values())]
+    if resolved:
+        point = min(resolved, key=FPR_POINTS.get)
+        n = min(m["n_nonmembers"] for m in ez.values())
+        found = []
+        for name, m in ez.items():
+            at = m["operating_points"][point]
+            low, high = at["tpr_exact_ci95"]
+            found.append(f"{at['tpr']:.1%} of {name}'s ({low:.1%}-{high:.1%})")
+        lines.append(
+            f"At {FPR_POINTS[point]:.1%} false positives (the lowest rate {n} non-members "
+            f"resolve), {SCORES['ez_score'].label} identifies {' vs '.join(found)} "
+            "training records (exact 95% intervals)."
+        )
+    for name, summary in summaries.items():
+        verdict = summary["verdict"]
+        lines.append(f"{name}: {verdict['level'].upper()}: {verdict['text']}")
+        lines += [f"  warning: {w}" for w in verdict.get("warnings", [])]
     return "\n".join(lines)
 
 
 def run_demo(out: str, data_uri: str | None) -> int:
     started = time.time()
-    built = build_demo_artifacts(default_cache_dir() / "demo", DEMO_SIZES, **DEMO_COUNTS, log=print)
+    built = build_demo_artifacts(
+        default_cache_dir() / "demo", DEMO_SIZES, **DEMO_COUNTS, log=print, corpus=DEMO_CORPUS
+    )
     print(f"models ready in {time.time() - started:.0f} s: {built.root}")
     use_job = bool(data_uri and os.environ.get("RAY_ADDRESS"))
     artifacts = stage(built, data_uri) if data_uri else stage(built, str(built.root))
@@ -165,6 +216,8 @@ def run_demo(out: str, data_uri: str | None) -> int:
         )
     print()
     print(table(summaries))
+    print()
+    print(headline(summaries))
     print()
     local_dir = Path("demo-out")
     for name in summaries:
