@@ -39,6 +39,7 @@ HIST_BINS = 40
 HIST_CLIP_PERCENTILE = 99.0
 EXTRA_COLORS = ("#17becf", "#e377c2", "#7f7f7f", "#bcbd22")  # scores missing from SCORES
 MISSING = "\u2014"  # an em dash where a number is missing
+DETECTION_KEYS = ("fpr", "threshold", "n_flagged", "n_candidates", "n_calibration")
 
 VERDICT_COLORS: dict[str, tuple[str, str]] = {
     "high": ("#b91c1c", "#fdecec"),
@@ -121,6 +122,9 @@ def _fmt_ci(ci: Any, pct: bool) -> str:
     lo, hi = (100 * float(v) if pct else float(v) for v in ci)
     digits = 1 if pct else 3
     return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+TEMPLATES.filters.update(num=_fmt, sig=_fmt_sig, pct=_fmt_pct, interval=_fmt_ci)
 
 
 def _label(column: str) -> str:
@@ -250,56 +254,17 @@ def _metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
     """The attack-performance section: one row per score, operating points, skipped scores
     and the blind baseline."""
     metrics = summary.get("metrics") or {}
-    rows = [
-        {
-            "label": _label(c),
-            "cells": [_metric_cell(metrics[c], name) for name in METRICS],
-            "n": metrics[c].get("n", ""),
-        }
-        for c in _ordered(metrics)
-    ]
-    points = [
-        {
-            "label": _label(c),
-            "fpr": f"{100 * FPR_POINTS[name]:g}%",
-            "threshold": _fmt_sig(at["threshold"]),
-            "tp": f"{at['tp']} of {at['n_members']}",
-            "tpr": _fmt_pct(at["tpr"]),
-            "tpr_ci": _fmt_ci(at["tpr_exact_ci95"], pct=True),
-            "fp": f"{at['fp']} of {at['n_nonmembers']}",
-            "fpr_seen": _fmt_pct(at["fpr"], 2),
-            "fpr_ci": _fmt_ci(at["fpr_exact_ci95"], pct=True),
-        }
-        for c in _ordered(metrics)
-        for name, at in (metrics[c].get("operating_points") or {}).items()
-    ]
-    blind = summary.get("blind_baseline")
+    order = _ordered(metrics)
+    rows = [(_label(c), [_metric_cell(metrics[c], n) for n in METRICS], metrics[c].get("n", ""))
+            for c in order]  # fmt: skip
+    points = [(_label(c), f"{100 * FPR_POINTS[name]:g}%", at) for c in order
+              for name, at in (metrics[c].get("operating_points") or {}).items()]  # fmt: skip
     return {
         "heads": [metric_label(name) for name in METRICS],
         "rows": rows,
         "points": points,
         "skipped": [(_label(str(c)), r) for c, r in (summary.get("metrics_skipped") or {}).items()],
-        "blind": blind
-        and {
-            "auc": _fmt(blind.get("auc")),
-            "ci": _fmt_ci(blind.get("auc_ci95"), pct=False),
-            "n": blind.get("n", ""),
-            "limit": blind.get("limit", ""),
-            "distinguishable": bool(blind.get("distinguishable")),
-        },
-    }
-
-
-def _detection(summary: Mapping[str, Any]) -> dict[str, str]:
-    """Threshold and flagged count of a detection run."""
-    det = summary.get("detection") or {}
-    n_flagged, n_cand = det.get("n_flagged"), det.get("n_candidates")
-    share = f" ({_fmt_pct(n_flagged / n_cand)})" if _is_num(n_flagged) and n_cand else ""
-    return {
-        "fpr": _fmt_pct(det.get("fpr"), 2),
-        "threshold": _fmt_sig(det.get("threshold")),
-        "flagged": f"{n_flagged} of {n_cand}{share}",
-        "calibration": str(det.get("n_calibration")),
+        "blind": summary.get("blind_baseline"),
     }
 
 
@@ -516,10 +481,9 @@ def render_report(summary: dict, scores: pa.Table) -> str:
         metrics=_metrics(summary) if mode == "leakage" else None,
         labelled=labelled,
         roc=_roc(scores, summary.get("metrics") or {}) if labelled else None,
-        detection=_detection(summary) if mode == "detection" else None,
+        detection={k: detection.get(k) for k in DETECTION_KEYS} if mode == "detection" else None,
         histogram=histogram,
         top=_top_records(scores),
         review=_review(scores),
         run_details=_run_details(summary),
-        top_n=TOP_N,
     )
