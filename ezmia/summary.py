@@ -133,8 +133,9 @@ def verdict(metrics: dict[str, dict]) -> dict[str, object]:
         low, high = at["tpr_exact_ci95"]
         found = (
             f"At {FPR_POINTS[point]:.1%} false positives (the lowest rate {n} non-members "
-            f"resolve) the strongest attack, {best}, identifies {at['tpr']:.1%} of the training "
-            f"records (exact 95% interval {low:.1%}-{high:.1%}; AUC {m['auc']:.3f})."
+            f"resolve) the strongest attack, {SCORES[best].label}, identifies {at['tpr']:.1%} "
+            f"of the training records (exact 95% interval {low:.1%}-{high:.1%}; "
+            f"AUC {m['auc']:.3f})."
         )
         if best != "ez_score":
             found += f" EZ: {ez['operating_points'][point]['tpr']:.1%}, AUC {ez['auc']:.3f}."
@@ -142,7 +143,7 @@ def verdict(metrics: dict[str, dict]) -> dict[str, object]:
         needs = ", ".join(f"{f:.1%} needs {min_nonmembers(f)}" for f in FPR_POINTS.values())
         found = (
             f"{n} non-members resolve none of the reported false-positive rates ({needs}): "
-            f"the strongest attack, {best}, reaches AUC {m['auc']:.3f}"
+            f"the strongest attack, {SCORES[best].label}, reaches AUC {m['auc']:.3f}"
             + (f" (EZ {ez['auc']:.3f})." if best != "ez_score" else ".")
         )
     advice = {
@@ -200,7 +201,7 @@ def warnings(summary: dict) -> list[str]:
 def privacy_text(bound: dict) -> str:
     """The epsilon bound in plain words, with its assumption."""
     text = (
-        f"Empirical privacy: the {bound['score']} attack refutes any epsilon below "
+        f"Empirical privacy: the {SCORES[bound['score']].label} attack refutes any epsilon below "
         f"{bound['epsilon_lower_bound']:.2f} at delta {bound['delta']:g} with "
         f"{bound['confidence']:.0%} confidence, assuming members were chosen at random."
     )

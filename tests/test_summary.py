@@ -145,7 +145,7 @@ def test_the_strongest_attack_decides_and_is_named_beside_ez():
     summary = build_summary(table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
     found = summary["verdict"]
     assert (found["level"], found["score"], found["fpr"]) == ("high", "ref_ratio", 0.001)
-    assert "At 0.1% false positives" in found["text"] and "ref_ratio" in found["text"]
+    assert "At 0.1% false positives" in found["text"] and "Reference ratio" in found["text"]
     assert "identifies 100.0% of the training records" in found["text"]
     assert "EZ: " in found["text"]  # EZ's own figures stay in view
     assert summary["metrics"]["ez_score"]["auc"] < 0.6
