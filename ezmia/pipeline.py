@@ -80,6 +80,9 @@ PROBE_TIMEOUT_S = 10.0
 """How long a cluster address may take to accept a TCP connection (``ray.init`` itself
 retries an address nothing answers on for minutes)."""
 
+RESOURCE_STEP = 0.0001
+"""The finest fraction of a CPU or GPU Ray grants."""
+
 _HOST_PORT = re.compile(r"^(?:ray://)?\[?(?P<host>[^\]/]+?)\]?:(?P<port>\d+)/?$")
 
 
@@ -107,8 +110,10 @@ def connect(config: AuditConfig) -> None:
             )
         if address:
             _probe(address, flag)
+        cwd = os.getcwd()
         try:
             ray.init(address=address, log_to_driver=True)
+            _reenter(cwd)
         except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError...
             reason = " ".join(str(err).split())[:300]
             raise InputError(
@@ -118,11 +123,46 @@ def connect(config: AuditConfig) -> None:
     check_resources(config.ray, ray.nodes())
 
 
+def _noop() -> None:
+    """A task that needs only the job's runtime environment."""
+
+
+def _reenter(cwd: str) -> None:
+    """Keep this driver in a working folder that exists. In a Ray job whose runtime env has a
+    ``working_dir``, Ray 2.60 extracts that folder afresh while installing the job's
+    environment on this node (after ``ray.init`` returns), deleting the copy this process runs
+    in: ``os.getcwd()`` (which transformers calls on import) and relative paths then fail.
+    Wait for the installation (a task pinned to this node needs it), then enter the fresh
+    copy."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    context = ray.get_runtime_context()
+    if not (context.runtime_env or {}).get("working_dir"):
+        return
+    here = NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False)
+    ray.get(ray.remote(_noop).options(num_cpus=0, scheduling_strategy=here).remote())
+    try:
+        moved = not os.path.samefile(".", cwd)
+    except FileNotFoundError:
+        moved = True
+    if moved:
+        os.chdir(cwd)
+
+
 def _probe(address: str, flag: str) -> None:
-    """Refuse at once a ``host:port`` address that accepts no TCP connection."""
+    """Refuse at once a ``host:port`` address (or the one ``auto`` finds: the last cluster
+    started on this machine) that accepts no TCP connection."""
+    if address.strip() == "auto":
+        try:
+            from ray._private.services import canonicalize_bootstrap_address
+
+            address = canonicalize_bootstrap_address("auto") or ""
+        except Exception:  # none found, or Ray's private API moved: ray.init says why
+            return
     match = _HOST_PORT.match(address.strip())
     if match is None:
-        return  # "auto", "local" or a form Ray resolves itself
+        return  # "local" or a form Ray resolves itself
     try:
         socket.create_connection((match["host"], int(match["port"])), PROBE_TIMEOUT_S).close()
     except OSError as err:
@@ -136,6 +176,12 @@ def check_request(options: RayOptions, device: str) -> None:
     """Refuse GPU requests Ray cannot grant and a ``--device`` the scoring actors will not
     see (no cluster needed)."""
     gpus = options.gpus_per_actor
+    for flag, value in (("cpus", options.cpus_per_actor), ("gpus", gpus)):
+        if 0 < value < RESOURCE_STEP:
+            raise InputError(
+                f"--ray-{flag}-per-actor {value:g}: Ray counts resources in steps of "
+                f"{RESOURCE_STEP:g}; ask for {RESOURCE_STEP:g} or more"
+            )
     if gpus > 1 and not float(gpus).is_integer():
         raise InputError(
             f"--ray-gpus-per-actor {gpus:g}: Ray grants more than one GPU only in whole GPUs; "
