@@ -290,7 +290,9 @@ def cluster_error(err: Exception) -> EzmiaError:
         module, _, name = match["name"].rpartition(".")
         kind = getattr(errors, name, None) if module == "ezmia.errors" else None
         if isinstance(kind, type) and issubclass(kind, EzmiaError):
-            return kind(" ".join(" ".join([match["message"], *lines[i + 1 :]]).split()))
+            rest = lines[i + 1 :]
+            rest = rest[: rest.index("")] if "" in rest else rest  # a chained error follows
+            return kind(" ".join(" ".join([match["message"], *rest]).split()))
     if raised:
         match = raised[-1][1]
         what = f"{match['name'].rpartition('.')[2]}: {match['message'].strip()}"
