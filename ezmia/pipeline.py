@@ -283,7 +283,8 @@ _RAISED = re.compile(r"^(?P<name>[A-Za-z_][\w.]*): (?P<message>.*)$")
 def cluster_error(err: Exception) -> EzmiaError:
     """One line for an error raised on the cluster (Ray wraps it in pages of traceback): an
     ezmia error raised by a task or actor keeps its class and message; any other error is
-    named by the last line of its traceback, with where to look."""
+    named by the last error line of its traceback that is not Ray's own wrapper, with where to
+    look."""
     lines = _ANSI.sub("", str(err)).splitlines()
     raised = [(i, m) for i, line in enumerate(lines) if (m := _RAISED.match(line))]
     for i, match in reversed(raised):
@@ -293,8 +294,9 @@ def cluster_error(err: Exception) -> EzmiaError:
             rest = lines[i + 1 :]
             rest = rest[: rest.index("")] if "" in rest else rest  # a chained error follows
             return kind(" ".join(" ".join([match["message"], *rest]).split()))
+    own = [m for _, m in raised if not m["name"].startswith("ray.")]  # not Ray's wrappers
     if raised:
-        match = raised[-1][1]
+        match = (own or [m for _, m in raised])[-1]
         what = f"{match['name'].rpartition('.')[2]}: {match['message'].strip()}"
     else:
         first = next((line.strip() for line in lines if line.strip()), "")

@@ -309,21 +309,23 @@ def test_requests_the_cluster_cannot_host_are_refused_before_data_and_actor_erro
         line = run(target=mismatched, data=small)
         assert line.startswith(f"ezmia: error: {mismatched}: cannot load the model"), line
 
-        @ray.remote(max_retries=0)
-        def fail(kind: type, message: str, wrapped: bool) -> None:
-            if wrapped:  # as Ray Data wraps an error raised by a batch function
-                raise RuntimeError("UDF failed to process a data block.") from kind(message)
+        def fail(_batch: dict, kind: type, message: str) -> dict:
             raise kind(message)
 
-        for kind, message, wrapped, expected_type, expected in [
+        for kind, message, in_ray_data, expected_type, expected in [
             (InputError, "s3://b/data.parquet row 3: bad\nvalue; fix it", False, InputError,
              "s3://b/data.parquet row 3: bad value; fix it"),
             (InputError, "row 3: bad; fix it", True, InputError, "row 3: bad; fix it"),
             (RuntimeError, "boom\nmore", False, EzmiaError,
              "the Ray audit failed on the cluster (RuntimeError: boom); see the scoring actors'"),
+            (KeyError, "'lp'", True, EzmiaError, "the Ray audit failed on the cluster (KeyError:"),
         ]:  # fmt: skip
             with pytest.raises(RayError) as raised:
-                ray.get(fail.remote(kind, message, wrapped))
+                if in_ray_data:  # Ray Data wraps it in a UserCodeException of its own
+                    kwargs = {"kind": kind, "message": message}
+                    ray.data.range(2).map_batches(fail, fn_kwargs=kwargs).materialize()
+                else:
+                    ray.get(ray.remote(max_retries=0)(fail).remote({}, kind, message))
             converted = cluster_error(raised.value)
             assert type(converted) is expected_type
             assert str(converted) == expected or (
