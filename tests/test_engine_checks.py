@@ -1,8 +1,9 @@
 """Where an audit runs, checked before it runs: a ``--device`` this machine lacks, a tokenizer
 whose ids the models cannot embed, a job-server ``RAY_ADDRESS`` (as infra/local/env.sh sets),
-and ``ezmia report`` on an output that cannot be re-rendered. Each ends in one line and exit
-code 2, before models or data are read, and changes nothing. (Ray cluster resources and
-errors raised on a cluster are checked in test_ray_job.py, on its cluster.)"""
+``ezmia report`` on an output that cannot be re-rendered, and Ray actor requests against GPU
+node shapes. Each ends in one line and exit code 2, before models or data are read, and
+changes nothing. (Refusals on a real Ray cluster and errors raised there are checked in
+test_ray_job.py, on its cluster.)"""
 
 from __future__ import annotations
 
@@ -227,3 +228,37 @@ def test_report_on_an_output_it_cannot_rerender_is_refused_and_changes_nothing(
         assert _files(out) == before, name
     assert main(["report", str(finished)]) == 0  # the intact output still re-renders
     _error_line(main(["report", str(tmp_path / "typo")]), capsys.readouterr().err, "typo: nothing")
+
+
+def _node(cpus: float, gpus: float = 0, alive: bool = True) -> dict:
+    """A node as ``ray.nodes()`` lists it (the fields the check reads)."""
+    resources = {"CPU": cpus, "memory": 8e9, **({"GPU": gpus} if gpus else {})}
+    return {"Alive": alive, "Resources": resources}
+
+
+def test_actor_requests_are_checked_against_whole_alive_nodes():
+    """A GPU cluster's shapes (the loopback cluster in test_ray_job.py has no GPUs): an actor
+    must fit on one alive node, CPUs and GPUs together."""
+    from ezmia.config import RayOptions
+    from ezmia.errors import InputError
+    from ezmia.pipeline import check_resources
+
+    cluster = [_node(8, 1), _node(8, 1), _node(32), _node(64, 8, alive=False)]
+    shapes = "alive nodes now: 2 x (8 CPU, 1 GPU), 1 x (32 CPU, 0 GPU)"
+    refused = [
+        (RayOptions(gpus_per_actor=2), "no node of the Ray cluster has that many GPUs, the most "
+         "is 1", "use --ray-gpus-per-actor 1 or less"),
+        (RayOptions(gpus_per_actor=1, cpus_per_actor=16), "--ray-cpus-per-actor 16 with "
+         "--ray-gpus-per-actor 1: no node of the Ray cluster has both", "fewer CPUs per actor"),
+        (RayOptions(gpus_per_actor=0.5, min_actors=5, max_actors=5), "hosts at most 4 scoring "
+         "actors at once (0.5 CPU and 0.5 GPU each", "--ray-min-actors 4 or less"),
+        (RayOptions(cpus_per_actor=40), "no node of the Ray cluster has that many CPUs",
+         "--ray-cpus-per-actor 32 or less"),
+    ]  # fmt: skip
+    for options, *fragments in refused:
+        with pytest.raises(InputError) as raised:
+            check_resources(options, cluster)
+        for fragment in [*fragments, shapes]:
+            assert fragment in str(raised.value), str(raised.value)
+    check_resources(RayOptions(gpus_per_actor=0.5, min_actors=4, max_actors=8), cluster)
+    check_resources(RayOptions(cpus_per_actor=16, min_actors=2, max_actors=3), cluster)
