@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ezmia-installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench bench-scale lint clean stack-up stack-down
+.PHONY: install test demo bench bench-scale lint mutate clean stack-up stack-down
 
 install: $(STAMP)
 
@@ -32,10 +32,27 @@ bench: install
 
 bench-scale: install
 	$(PY) benchmarks/ray_overhead.py
+	nice $(PY) benchmarks/scale_model.py
 
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# Mutation testing ([tool.mutmut] in pyproject.toml; README, "Testing"): slow, so not part of
+# `make test`. mutmut runs on a copy of the checkout under MUTATE_DIR and never touches it;
+# fails on any surviving mutant not listed in tests/mutation_equivalent.txt. MUTANTS narrows
+# the run, e.g. MUTANTS='ezmia.metrics*'.
+MUTATE_DIR ?= .cache/mutate
+MUTANTS ?=
+mutate: install
+	rm -rf $(MUTATE_DIR) && mkdir -p $(MUTATE_DIR)/.cache .cache/test-models
+	git ls-files -co --exclude-standard -z \
+		| tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(MUTATE_DIR)
+	ln -s $(CURDIR)/.cache/test-models $(MUTATE_DIR)/.cache/test-models
+	cd $(MUTATE_DIR) && HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 \
+		$(CURDIR)/$(PY) -m mutmut run --max-children 2 $(MUTANTS) >mutmut.log 2>&1 \
+		|| (tail -c 2000 mutmut.log; exit 1)
+	cd $(MUTATE_DIR) && $(CURDIR)/$(PY) tests/mutation_survivors.py
 
 stack-up: install
 	VENV=$(VENV) bash infra/local/up.sh

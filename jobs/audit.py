@@ -2,7 +2,10 @@
 
     ray job submit --working-dir . -- python jobs/audit.py --config jobs/audit.example.yaml
 
-Runs ``ezmia batch``: every audit in the YAML on the job's Ray cluster.
+Runs ``ezmia batch``: every audit in the YAML on the job's Ray cluster, side by side (up to
+the YAML's ``max_in_flight``; by default as many as the cluster's GPUs, or CPUs, host with
+every audit's actor pool at its ``max_actors``). Each audit's index row is written when it
+finishes; the job fails (exit 1) when any audit failed, after the others have finished.
 """
 
 import sys
