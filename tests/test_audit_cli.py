@@ -58,6 +58,22 @@ def test_audit_writes_scores_summary_report_and_success(full_audit, models):
     assert sorted(scores.column("id").to_pylist()) == sorted(source.column("id").to_pylist())
 
 
+def test_every_id_keeps_its_source_row_and_label(full_audit, models):
+    source = pq.read_table(models.eval).to_pylist()
+    rows = pq.read_table(full_audit / "scores").to_pylist()
+    assert len({r["id"] for r in rows}) == len(rows) == len(source)
+    assert {r["id"]: r["is_member"] for r in rows} == {s["id"]: s["is_member"] for s in source}
+    assert {r["id"]: r["source_row"] for r in rows} == {s["id"]: i for i, s in enumerate(source)}
+
+
+def test_summary_counts_members_from_the_source_labels(full_audit, models):
+    labels = pq.read_table(models.eval).column("is_member").to_pylist()
+    summary = json.loads((full_audit / "summary.json").read_text())
+    ez = summary["metrics"]["ez_score"]
+    assert (ez["n"], ez["n_members"]) == (len(labels), sum(labels))
+    assert summary["n_rows"] == len(labels)
+
+
 def test_summary_aucs_agree_with_the_written_scores(full_audit):
     scores = pq.read_table(full_audit / "scores")
     summary = json.loads((full_audit / "summary.json").read_text())
@@ -101,7 +117,9 @@ def test_include_text_copies_texts_into_scores(models, tmp_path):
     assert "text" in pq.read_table(out / "scores").column_names
 
 
-def test_detection_mode_flags_candidates_above_the_calibration_threshold(models, tmp_path):
+def test_detection_mode_flags_candidates_above_the_calibration_threshold(
+    models, tmp_path, full_audit
+):
     out = tmp_path / "d"
     code = main(
         [
@@ -112,6 +130,8 @@ def test_detection_mode_flags_candidates_above_the_calibration_threshold(models,
             str(models.base),
             "--data",
             str(models.members),
+            "--id-column",
+            "id",
             "--calibration",
             str(models.nonmembers),
             "--fpr",
@@ -129,6 +149,15 @@ def test_detection_mode_flags_candidates_above_the_calibration_threshold(models,
     flagged = scores.column("flagged").to_numpy(zero_copy_only=False)
     assert (flagged == (scores.column("ez_score").to_numpy() > threshold)).all()
     assert summary["detection"]["n_flagged"] == int(flagged.sum())
+    # The same non-members scored in the leakage audit: their 95% EZ quantile.
+    leakage = pq.read_table(full_audit / "scores").to_pylist()
+    nonmember_ez = [r["ez_score"] for r in leakage if not r["is_member"]]
+    assert summary["detection"]["n_calibration"] == len(nonmember_ez)
+    assert threshold == pytest.approx(np.quantile(nonmember_ez, 0.95), rel=1e-5)
+    member_ez = {r["id"]: r["ez_score"] for r in leakage if r["is_member"]}
+    assert {r["id"]: r["ez_score"] for r in scores.to_pylist()} == pytest.approx(
+        member_ez, rel=1e-5
+    )
 
 
 def test_report_command_rerenders_from_scores(full_audit):
