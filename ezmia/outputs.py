@@ -199,6 +199,19 @@ class Output:
 
 
 @contextlib.contextmanager
+def locked(out: str, holder: str, encryption: storage.Encryption | None) -> Iterator[None]:
+    """Hold the location's lock (renewed while the block runs); a second writer is refused
+    with one line naming the holder."""
+    locks = Locks(out, {"holder": holder}, LOCK_TTL_S, encryption or storage.Encryption())
+    try:
+        lock = locks.acquire_at(storage.join(out, LOCK), out=out)
+    except LockHeld as held:
+        raise OutputError(f"--out {out}: {held}; wait for it or choose another --out") from held
+    with locks.held(lock):
+        yield
+
+
+@contextlib.contextmanager
 def open_output(
     out: str, *, overwrite: bool, encryption: storage.Encryption | None, holder: str
 ) -> Iterator[Output]:
@@ -206,14 +219,9 @@ def open_output(
     error inside the block, what this run wrote is removed again (and a folder it created)."""
     _survey(out, overwrite)  # refuse before writing anything, even a lock
     created = not storage.is_s3(out) and not Path(out).exists()
-    locks = Locks(out, {"holder": holder}, LOCK_TTL_S, encryption or storage.Encryption())
-    try:
-        lock = locks.acquire_at(storage.join(out, LOCK), out=out)
-    except LockHeld as held:
-        raise OutputError(f"--out {out}: {held}; wait for it or choose another --out") from held
     failed = False
     try:
-        with locks.held(lock):
+        with locked(out, holder, encryption):
             output = Output(out, encryption)
             output.remove(_survey(out, overwrite))  # an earlier run's files, ours to replace
             try:
@@ -230,6 +238,15 @@ def open_output(
                 Path(out).rmdir()  # only when nothing else is left
 
 
+def part_files(out: str) -> list[str]:
+    """The scores parts of an audit: those its manifest lists (every ``scores/part-*`` of an
+    output older than manifests), in name order."""
+    entries = _entries(out)
+    listed = _read_manifest(out, entries)
+    parts = entries if listed is None else entries & listed
+    return sorted(storage.join(out, e) for e in parts if _PART.fullmatch(e))
+
+
 def write_scores(
     out: str, table: pa.Table, encryption: storage.Encryption | None, part: int = 0
 ) -> str:
@@ -242,8 +259,8 @@ def write_scores(
 
 
 def read_scores(out: str) -> pa.Table:
-    """Every scores part under ``out``, concatenated in source order."""
-    files = [f for f in storage.list_files(storage.join(out, SCORES_DIR)) if f.endswith(".parquet")]
+    """Every scores part of an audit, concatenated in source order."""
+    files = part_files(out)
     if not files:
         raise InputError(f"{out}: no scores/*.parquet; is this an ezmia audit output?")
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(f))) for f in files]

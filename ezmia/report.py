@@ -9,6 +9,8 @@ are refused with one line naming the file, and ``OUT`` is left as it was.
 from __future__ import annotations
 
 import io
+import json
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +25,29 @@ from ezmia.summary import build_summary
 
 DETECTION = {"fpr", "threshold"}
 RERUN = "rerun the audit (ezmia audit ... --overwrite) to write it again"
+
+
+def summarize(
+    config: AuditConfig, scores: pa.Table, detection: dict | None, blind: dict | None
+) -> dict:
+    """The summary's data part of an audit with this configuration, from its score columns
+    (``blind``: the blind baseline, which only the texts can give)."""
+    return build_summary(
+        scores,
+        mode=config.mode,
+        bootstrap_rounds=config.bootstrap_rounds,
+        seed=config.seed,
+        detection=detection,
+        blind=blind,
+        delta=config.delta,
+        claimed_epsilon=config.claimed_epsilon,
+    )
+
+
+def publish(write: Callable[[str, bytes], object], summary: dict, scores: pa.Table) -> None:
+    """Write ``summary.json`` and ``report.html`` through ``write(name, data)``."""
+    write(outputs.SUMMARY, json.dumps(summary, indent=2, default=str).encode())
+    write(outputs.REPORT, render_report(summary, scores).encode())
 
 
 def rerender(out: str) -> str:
@@ -42,24 +67,16 @@ def rerender(out: str) -> str:
             f"{storage.join(out, outputs.SCORES_DIR)}: {scores.num_rows} rows, but {summary_uri} "
             f"records {recorded}: the scores are incomplete or mixed with another run's; {RERUN}"
         )
-    summary.update(
-        build_summary(
-            scores,
-            mode=config.mode,
-            bootstrap_rounds=config.bootstrap_rounds,
-            seed=config.seed,
-            detection=detection,
-            blind=summary.get("blind_baseline"),  # from the texts, which scores never hold
-            delta=config.delta,
-            claimed_epsilon=config.claimed_epsilon,
-        )
-    )
-    html = render_report(summary, scores).encode()
+    blind = summary.get("blind_baseline")  # from the texts, which scores never hold
+    summary.update(summarize(config, scores, detection, blind))
     encryption = storage.Encryption(config.sse, config.sse_kms_key_id)
-    outputs.write_json(summary_uri, summary, encryption)
-    report = storage.join(out, outputs.REPORT)
-    storage.write_bytes(report, html, encryption)
-    return report
+    with outputs.locked(out, "ezmia report", encryption):
+        publish(
+            lambda name, data: storage.write_bytes(storage.join(out, name), data, encryption),
+            summary,
+            scores,
+        )
+    return storage.join(out, outputs.REPORT)
 
 
 def _read_summary(uri: str) -> dict:
@@ -103,7 +120,7 @@ def _needed_columns(config: AuditConfig, detection: dict | None) -> list[str]:
 def _read_scores(out: str, needed: list[str]) -> pa.Table:
     """Every scores part, in source order, refused when missing, unreadable or incomplete."""
     folder = storage.join(out, outputs.SCORES_DIR)
-    files = [f for f in storage.list_files(folder) if f.endswith(".parquet")]
+    files = outputs.part_files(out)
     if not files:
         raise OutputError(f"{folder}: no scores parts (*.parquet); {RERUN}")
     tables = []
