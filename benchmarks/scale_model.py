@@ -212,6 +212,16 @@ def estimate(args: argparse.Namespace, ray_fit: dict, local_fit: dict) -> dict:
     }  # fmt: skip
 
 
+def last_commit(path: str) -> str:
+    """The last commit that changed ``path`` (what engine the figures are of)."""
+    import subprocess
+
+    found = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %cI", "--", path],
+                           capture_output=True, text=True)  # fmt: skip
+    dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "--", path]).returncode
+    return found.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
 def main() -> None:
     args = parse_args()
     os.environ.update(LOOPBACK)
@@ -249,7 +259,8 @@ def main() -> None:
         ray.shutdown()
     fits = {e: fit(list(r), [x["seconds"] for x in r.values()]) for e, r in runs.items()}
     results.update(runs=runs, fits=fits, estimate=estimate(args, fits["ray"], fits["local"]))
-    results.update(cpu_count=os.cpu_count(), load_average=list(os.getloadavg()))
+    results.update(cpu_count=os.cpu_count(), load_average=list(os.getloadavg()),
+                   pipeline_commit=last_commit("ezmia/pipeline.py"))  # fmt: skip
     out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks")
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale_model.json").write_text(json.dumps(results, indent=2) + "\n")
