@@ -21,15 +21,18 @@ class Strict(BaseModel):
 
 
 class RayOptions(Strict):
-    """How the Ray engine sizes its scoring actor pool."""
+    """How the Ray engine sizes its model stages' actor pools (one pool per model stage)."""
 
     address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS)")
-    min_actors: int = Field(1, ge=1, description="fewest scoring actors")
-    max_actors: int = Field(1, ge=1, description="most scoring actors")
-    gpus_per_actor: float = Field(
-        0.0, ge=0, description="GPUs per scoring actor (fractions allowed)"
+    min_actors: int = Field(1, ge=1, description="fewest actors per model stage")
+    max_actors: int = Field(1, ge=1, description="most actors per model stage")
+    gpus_per_actor: float | None = Field(
+        None,
+        ge=0,
+        description="GPUs per model-stage actor (fractions allowed; default: the stage's "
+        "tensor-parallel size on a cluster with GPUs, else 0)",
     )
-    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per scoring actor")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per model-stage actor")
     rows_per_block: int = Field(256, ge=1, description="rows per Ray Data block and batch")
 
     @model_validator(mode="after")
@@ -59,6 +62,14 @@ class VllmOptions(Strict):
     )
     on_canary_failure: Literal["stop", "fallback"] = Field(
         "fallback", description="when vLLM disagrees with PyTorch: stop, or fall back to PyTorch"
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs the target's vLLM engine is sharded over (Ray: per actor)"
+    )
+    reference_tensor_parallel_size: int | None = Field(
+        None,
+        ge=1,
+        description="GPUs the reference's vLLM engine is sharded over (default: the target's)",
     )
 
 
@@ -116,7 +127,9 @@ class AuditConfig(Strict):
     batch_size: int = Field(16, ge=1, description="sequences per forward pass")
     engine: Literal["auto", "local", "ray"] = Field(
         "auto",
-        description="local (this process) or ray (cluster); auto = ray when RAY_ADDRESS is set",
+        description="local (this process) or ray (cluster); auto = ray with --ray-address, "
+        "inside a Ray job, or when RAY_ADDRESS is a cluster's address (a job server's http "
+        "address scores locally)",
     )
     overwrite: bool = Field(
         False, description="replace an earlier finished ezmia audit at --out (only its files)"

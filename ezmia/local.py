@@ -1,4 +1,5 @@
-"""The local engine: scores an audit's fragments in this process (laptops, tests, one GPU)."""
+"""The local engine: scores an audit's fragments in this process (laptops, tests, one GPU),
+running the same stages as the Ray engine (``ezmia.scoring``) one after another."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ezmia import outputs
-from ezmia.audit import AuditPlan, job_server_address, open_backend
+from ezmia.audit import AuditPlan, job_server_address
 from ezmia.backends import check_device
 from ezmia.config import AuditConfig
 from ezmia.io import Fragment, normalize, read_fragment
-from ezmia.scoring import score_tokenized, tokenize_rows
+from ezmia.scoring import ModelStage, combined_choice, model_stages, score_rows, tokenize_rows
 from ezmia.text import load_tokenizer
 
 ROWS_PER_CHUNK = 512
@@ -36,12 +37,19 @@ def check_local(config: AuditConfig) -> None:
 
 
 class LocalEngine:
-    """One backend in this process; writes one scores part per fragment."""
+    """Every model stage in this process; writes one scores part per fragment."""
 
     def __init__(self, plan: AuditPlan) -> None:
         self.plan = plan
         self.tokenizer = load_tokenizer(plan.models.tokenizer)
-        self.backend, self.backend_choice = open_backend(plan.config, plan.models)
+        self.stages: list[ModelStage] = []
+        try:
+            for role in model_stages(plan.models.target_is_adapter):
+                self.stages.append(ModelStage(plan.config, role, plan.models))
+        except BaseException:
+            self.close()
+            raise
+        self.backend_choice = combined_choice({s.role: s.choice for s in self.stages})
 
     def score(
         self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
@@ -69,9 +77,12 @@ class LocalEngine:
             tokenized = tokenize_rows(
                 rows.slice(start, ROWS_PER_CHUNK), self.tokenizer, config.max_length
             )
-            chunks.append(score_tokenized(tokenized, self.backend, config.include_text, threshold))
+            for stage in self.stages:
+                tokenized = stage(tokenized)
+            chunks.append(score_rows(tokenized, config.include_text, threshold))
             bar.update(tokenized.num_rows)
         return pa.concat_tables(chunks)
 
     def close(self) -> None:
-        self.backend.close()
+        for stage in self.stages:
+            stage.close()

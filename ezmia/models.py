@@ -9,11 +9,15 @@ copy of its base, which is also the reference.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import fnmatch
 import hashlib
 import json
 import os
 import re
 import shutil
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,8 +59,38 @@ def resolve_model_dir(uri: str, cache_dir: Path | None = None) -> Path:
     return _download_hub_model(uri, cache / "hub")
 
 
-def _download_s3_model(uri: str, cache: Path) -> Path:
-    """Download every object under the prefix once; each file is checked against the
+def is_weight_file(name: str) -> bool:
+    """Whether a checkpoint file holds weights (the large files), by its name."""
+    return any(fnmatch.fnmatch(name, p) for p in (*SAFE_WEIGHTS, *PICKLE_WEIGHTS))
+
+
+def resolve_tokenizer_dir(uri: str, cache_dir: Path | None = None) -> Path:
+    """A local directory holding the tokenizer of the model at ``uri``: for an S3 model only
+    its small files (configs, tokenizer), downloaded once per machine; never its weights."""
+    if storage.is_s3(uri):
+        cache = (cache_dir or default_cache_dir()) / "tokenizers"
+        return _download_s3_model(uri, cache, select=lambda rel: not is_weight_file(rel))
+    return resolve_model_dir(uri, cache_dir)
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (a file beside a cache entry): processes of one machine
+    that want the same entry wait for the first to fetch it, then reuse it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download_s3_model(
+    uri: str, cache: Path, select: Callable[[str], bool] | None = None
+) -> Path:
+    """Download every object under the prefix (those ``select`` accepts) once per machine,
+    under a file lock that concurrent processes share; each file is checked against the
     listing's size and, for single-part uploads, its MD5 ETag. A cached copy is reused only
     while its files still have the listed sizes."""
     bucket, prefix = storage.split_s3(uri.rstrip("/") + "/")
@@ -70,10 +104,26 @@ def _download_s3_model(uri: str, cache: Path) -> Path:
     listing = sorted((o["Key"][len(prefix) :], o["ETag"], o["Size"]) for o in objects)
     files = [(rel, etag, size) for rel, etag, size in listing if rel and not rel.endswith("/")]
     key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:24]
+    if select is not None:
+        files = [f for f in files if select(f[0])]
     target = cache / key
     if (target / COMPLETE).exists() and _sizes_match(target, files):
         return target
-    staging = cache / f".{key}.partial-{os.getpid()}"
+    with _cache_lock(cache / f".{key}.lock"):
+        if (target / COMPLETE).exists() and _sizes_match(target, files):
+            return target  # another process fetched it while this one waited
+        staging = cache / f".{key}.partial-{os.getpid()}-{threading.get_ident()}"
+        _fetch(client, uri, bucket, prefix, files, staging)
+        (staging / COMPLETE).write_text(json.dumps(listing))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return target
+
+
+def _fetch(
+    client, uri: str, bucket: str, prefix: str, files: list[tuple[str, str, int]], staging: Path
+) -> None:
+    """Download and verify ``files`` into ``staging`` (removed again on failure)."""
     shutil.rmtree(staging, ignore_errors=True)
     try:
         for rel, etag, size in files:
@@ -85,10 +135,6 @@ def _download_s3_model(uri: str, cache: Path) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    (staging / COMPLETE).write_text(json.dumps(listing))
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
 
 
 def _sizes_match(directory: Path, files: list[tuple[str, str, int]]) -> bool:
@@ -393,18 +439,33 @@ def context_length(plan: ModelPlan) -> int | None:
     return None
 
 
-def load_causal_lm(path: Path, *, dtype, device, allow_pickle: bool, trust_remote_code: bool):
-    """A transformers causal LM in eval mode on ``device``."""
+def load_causal_lm(
+    path: Path, *, dtype, device, allow_pickle: bool, trust_remote_code: bool, spread: bool = False
+):
+    """A transformers causal LM in eval mode on ``device``; with ``spread`` and more than one
+    visible CUDA GPU, its layers split over all of them (``device_map="auto"``)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     use_safetensors = True if _matches(path, SAFE_WEIGHTS) or not allow_pickle else None
+    placement: dict = {}
+    if spread and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        gpus = range(torch.cuda.device_count())
+        placement = {
+            "device_map": "auto",
+            "max_memory": {i: int(torch.cuda.mem_get_info(i)[0] * 0.9) for i in gpus},
+        }
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=use_safetensors, trust_remote_code=trust_remote_code
+            path,
+            dtype=dtype,
+            use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code,
+            **placement,
         )
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelError(f"{path}: cannot load the model ({err})") from err
-    return model.to(device).eval()
+    return (model if placement else model.to(device)).eval()
 
 
 def attach_adapter(base_model, adapter_dir: Path):

@@ -34,7 +34,7 @@ REPORT = "report.html"
 MANIFEST = "_ezmia_manifest.json"
 LOCK = "_ezmia.lock"
 LOCK_TTL_S = 600.0  # a holder that stopped renewing for this long is taken over
-_PART = re.compile(rf"{SCORES_DIR}/part-\d{{5}}\.parquet")
+_PART = re.compile(rf"{SCORES_DIR}/part-\d{{5,}}\.parquet")  # numbered by index or first row
 _TEMP = re.compile(r"(?:.*/)?\.(?P<name>[^/]+)\.tmp-\d+")  # storage.write_bytes' temp files
 
 

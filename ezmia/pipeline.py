@@ -1,41 +1,70 @@
 """The Ray engine, in the shape of Ray Data batch inference:
 
     fragments -> read (CPU tasks) -> tokenize (CPU tasks)
-              -> score (actor pool holding target and reference) -> write parts (OUT/scores/)
+              -> target stage (actor pool) -> reference stage (actor pool)
+              -> score (CPU tasks) -> write parts (CPU tasks, OUT/scores/)
 
-The driver then gets the score columns only (never texts) for the summary and report.
-Scoring actors are restarted by Ray Data when they die and their batches retried; parts are
-written (one task per block, where the block lives, with the audit's S3 encryption) only
-after every block is materialized, so each input row appears exactly once.
+Each model stage is its own actor pool with its own GPUs (``gpus_per_actor``, by default the
+stage's tensor-parallel size on a cluster with GPUs); a LoRA target keeps both passes in one
+stage on one copy of its base (``scoring.model_stages``). Stages pass only compact
+per-position list columns. Every actor resolves its models from their URIs on its own node
+(downloaded once per node under a file lock); tokenize tasks fetch only the tokenizer's files.
+
+Streaming: each part is written as its rows finish, named after the first source row of its
+slice (``rows_per_block`` rows of one fragment, planned and claimed in the manifest on the
+driver before anything runs), so a retried block overwrites its own part. The write tasks
+return one small row per part; the driver then commits: it reads the parts' score columns
+back (never texts) and checks that every source row is there exactly once, before the audit
+writes its summary and ``_SUCCESS``. Object store and driver memory are bounded by the blocks
+in flight and the score columns.
 
 Before any data is read, ``connect`` joins the cluster and refuses what it cannot run: a job
-server's http address, an address nothing answers on, actors no alive node can host, more
-``min_actors`` than fit at once, a ``--device`` the actors will not see. An error raised on
-the cluster reaches the user as one line (``cluster_error``).
+server's http address, an address nothing answers on, actors no alive node or autoscaling node
+type can host, more ``min_actors`` than fit at once, a ``--device`` the actors will not see.
+An error raised on the cluster reaches the user as one line (``cluster_error``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import math
 import os
 import re
 import socket
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from ezmia import errors, outputs, storage
-from ezmia.audit import AuditPlan, job_server_address, open_backend, resolve_models
-from ezmia.backends import BackendOptions, parse_device, why_not_vllm
+from ezmia.audit import AuditPlan, job_server_address
+from ezmia.backends import parse_device
 from ezmia.config import AuditConfig, RayOptions
-from ezmia.errors import EzmiaError, InputError
-from ezmia.io import Columns, Fragment, normalize, read_fragment
-from ezmia.scoring import score_tokenized, tokenize_rows
+from ezmia.errors import EzmiaError, InputError, OutputError
+from ezmia.io import ROW_INDEX, Columns, Fragment, normalize, read_fragment
+from ezmia.models import adapter_base, resolve_tokenizer_dir
+from ezmia.scoring import ModelStage, combined_choice, model_stages, score_rows, tokenize_rows
 from ezmia.text import load_tokenizer
+
+SLICE = "__slice"
+"""The first source row of a row's slice: the part it is written to."""
+
+log = logging.getLogger(__name__)
+
+
+def plan_slices(fragments: list[Fragment], rows_per_block: int) -> list[int]:
+    """The first source row of every slice: ``rows_per_block`` rows of one fragment (its last
+    slice shorter), in source order. Each slice is written as one part."""
+    return [
+        start for f in fragments for start in range(f.offset, f.offset + f.num_rows, rows_per_block)
+    ]
 
 
 def _read(batch: dict, columns: Columns) -> pa.Table:
@@ -47,33 +76,67 @@ def _read(batch: dict, columns: Columns) -> pa.Table:
     )
 
 
+def _mark_slices(rows: pa.Table, starts: list[int]) -> pa.Table:
+    """Each row with its slice's first source row (``SLICE``; ``starts`` from
+    ``plan_slices``)."""
+    bounds = np.asarray(starts, dtype=np.int64)
+    index = rows.column(ROW_INDEX).to_numpy()
+    return rows.append_column(SLICE, pa.array(bounds[np.searchsorted(bounds, index, "right") - 1]))
+
+
 @functools.lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    return load_tokenizer(Path(path))
+def _tokenizer(uri: str, cache_dir: str | None):
+    return load_tokenizer(resolve_tokenizer_dir(uri, Path(cache_dir) if cache_dir else None))
 
 
-def _tokenize(rows: pa.Table, tokenizer_path: str, max_length: int) -> pa.Table:
-    return tokenize_rows(rows, _tokenizer(tokenizer_path), max_length)
+def _tokenize(rows: pa.Table, tokenizer_uri: str, cache_dir: str | None, max_length: int):
+    """Tokenize with the tokenizer fetched from its URI on this node (its small files only)."""
+    return tokenize_rows(rows, _tokenizer(tokenizer_uri, cache_dir), max_length)
 
 
-def _write_part(table: pa.Table, out: str, encryption: storage.Encryption, part: int) -> None:
-    """Write one scores part (a retried task rewrites the same part name)."""
-    outputs.write_scores(out, table, encryption, part=part)
+def _score(rows: pa.Table, include_text: bool, threshold: float | None) -> pa.Table:
+    """The score stage: every score from the model stages' columns, keeping ``SLICE``."""
+    return score_rows(rows, include_text, threshold).append_column(SLICE, rows.column(SLICE))
 
 
-class BlockScorer:
-    """A scoring actor: loads the models once (resolving them on its own node), then scores
-    each tokenized batch."""
+def _write_parts(rows: pa.Table, out: str, encryption: storage.Encryption) -> pa.Table:
+    """Write each slice's rows as its part (a retried block rewrites the same names) and
+    return one small row per part: its first source row and row count."""
+    starts = sorted(set(rows.column(SLICE).to_pylist()))
+    counts = []
+    for start in starts:
+        part = rows.filter(pc.equal(rows.column(SLICE), start)).drop_columns([SLICE])
+        outputs.write_scores(out, part, encryption, part=start)
+        counts.append(part.num_rows)
+    return pa.table({"part": pa.array(starts, pa.int64()), "rows": pa.array(counts, pa.int64())})
 
-    def __init__(self, config: AuditConfig, threshold: float | None) -> None:
-        models = resolve_models(config)
-        self.backend, choice = open_backend(config, models)
-        logging.getLogger(__name__).warning("scoring actor backend: %s", choice)
-        self.include_text = config.include_text
-        self.threshold = threshold
 
-    def __call__(self, rows: pa.Table) -> pa.Table:
-        return score_tokenized(rows, self.backend, self.include_text, self.threshold)
+class TargetModelStage(ModelStage):
+    """The target's model stage (one actor of its pool)."""
+
+    def __init__(self, config: AuditConfig) -> None:
+        super().__init__(config, "target")
+
+
+class ReferenceModelStage(ModelStage):
+    """The reference's model stage (one actor of its pool)."""
+
+    def __init__(self, config: AuditConfig) -> None:
+        super().__init__(config, "reference")
+
+
+class SharedBaseModelStage(ModelStage):
+    """A LoRA target's one model stage: both passes on one copy of the base."""
+
+    def __init__(self, config: AuditConfig) -> None:
+        super().__init__(config, "both")
+
+
+STAGE_ACTORS: dict[str, type[ModelStage]] = {
+    "target": TargetModelStage,
+    "reference": ReferenceModelStage,
+    "both": SharedBaseModelStage,
+}
 
 
 PROBE_TIMEOUT_S = 10.0
@@ -88,10 +151,11 @@ _HOST_PORT = re.compile(r"^(?:ray://)?\[?(?P<host>[^\]/]+?)\]?:(?P<port>\d+)/?$"
 
 def connect(config: AuditConfig) -> None:
     """Join the Ray cluster (``--ray-address``, else ``RAY_ADDRESS``, else a new local one)
-    and refuse an audit its alive nodes cannot run, before any model or data is read."""
+    and refuse an audit its nodes cannot run, before any model or data is read."""
     import ray
 
-    check_request(config.ray, config.device)
+    if config.ray.gpus_per_actor is not None:
+        check_request(config.ray, config.device, config.ray.gpus_per_actor)
     if not ray.is_initialized():
         address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
         flag = (
@@ -120,7 +184,74 @@ def connect(config: AuditConfig) -> None:
                 f"{flag}: cannot join the Ray cluster ({reason}); check the address "
                 "and that the cluster is up"
             ) from err
-    check_resources(config.ray, ray.nodes())
+    quiet_ray_data()
+    nodes, types = ray.nodes(), node_types()
+    for gpus in sorted(set(stage_gpus(config, _has_gpus(nodes, types)).values())):
+        if config.ray.gpus_per_actor is None:
+            check_request(config.ray, config.device, gpus)
+        check_resources(config.ray, nodes, types, gpus)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's progress bars and per-operator INFO lines only with ``-v`` (ezmia logs at
+    INFO): otherwise ezmia's own progress lines are what a job's log shows."""
+    import ray.data
+
+    verbose = logging.getLogger("ezmia").isEnabledFor(logging.INFO)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    context.enable_auto_log_stats = False
+    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def node_types() -> list[tuple[float, float]]:
+    """``(CPU, GPU)`` of each node type an autoscaler may start (its cluster config in the GCS,
+    ``ray._private.state``, as Ray Data's own autoscaler reads it), including types scaled to
+    zero; empty on a cluster without an autoscaler or where Ray's private API moved."""
+    try:
+        import ray._private.state
+
+        config = ray._private.state.state.get_cluster_config()
+    except Exception:  # private API: no autoscaler information then
+        return []
+    if config is None:
+        return []
+    return [
+        (float(g.resources.get("CPU", 0.0)), float(g.resources.get("GPU", 0.0)))
+        for g in config.node_group_configs
+        if g.max_count != 0
+    ]
+
+
+def _has_gpus(nodes: list[dict], types: list[tuple[float, float]]) -> bool:
+    alive = [n["Resources"].get("GPU", 0.0) for n in nodes if n.get("Alive")]
+    return any(alive) or any(gpus for _, gpus in types)
+
+
+def stage_gpus(config: AuditConfig, cluster_has_gpus: bool) -> dict[str, float]:
+    """GPUs per actor of each model stage: ``--ray-gpus-per-actor`` when given, else the
+    stage's tensor-parallel size on a cluster with GPUs (alive or an autoscaling node type),
+    else 0."""
+    stages = model_stages(_is_adapter_config(config))
+    if config.ray.gpus_per_actor is not None:
+        return {role: config.ray.gpus_per_actor for role in stages}
+    if not cluster_has_gpus:
+        return {role: 0.0 for role in stages}
+    vllm = config.vllm
+    tp = {
+        "target": vllm.tensor_parallel_size,
+        "both": vllm.tensor_parallel_size,
+        "reference": vllm.reference_tensor_parallel_size or vllm.tensor_parallel_size,
+    }
+    return {role: float(tp[role]) for role in stages}
+
+
+def _is_adapter_config(config: AuditConfig) -> bool:
+    """Whether the target is an adapter, from its ``adapter_config.json`` (a small file)."""
+    if storage.is_s3(config.target):
+        return storage.exists(storage.join(config.target.rstrip("/"), "adapter_config.json"))
+    return (Path(config.target).expanduser() / "adapter_config.json").exists()
 
 
 def _noop() -> None:
@@ -172,10 +303,9 @@ def _probe(address: str, flag: str) -> None:
         ) from err
 
 
-def check_request(options: RayOptions, device: str) -> None:
-    """Refuse GPU requests Ray cannot grant and a ``--device`` the scoring actors will not
-    see (no cluster needed)."""
-    gpus = options.gpus_per_actor
+def check_request(options: RayOptions, device: str, gpus: float) -> None:
+    """Refuse GPU requests (``gpus`` per actor) Ray cannot grant and a ``--device`` the model
+    stages' actors will not see (no cluster needed)."""
     for flag, value in (("cpus", options.cpus_per_actor), ("gpus", gpus)):
         if 0 < value < RESOURCE_STEP:
             raise InputError(
@@ -190,17 +320,27 @@ def check_request(options: RayOptions, device: str) -> None:
     _check_actor_device(device, gpus)
 
 
-def check_resources(options: RayOptions, nodes: list[dict]) -> None:
-    """Refuse scoring actors no alive node can host and more ``min_actors`` than the nodes host
-    at once. ``nodes`` is ``ray.nodes()``; nodes an autoscaler has not started yet are not
-    counted (the message says so)."""
-    cpus, gpus = options.cpus_per_actor, options.gpus_per_actor
+def check_resources(
+    options: RayOptions,
+    nodes: list[dict],
+    types: Iterable[tuple[float, float]] = (),
+    gpus: float | None = None,
+) -> None:
+    """Refuse model-stage actors (``gpus`` each, default ``--ray-gpus-per-actor``) that no
+    alive node and no autoscaling node type (``types``: ``(CPU, GPU)``, ``node_types()``) can
+    host, and more ``min_actors`` than the alive nodes host at once when no node type could
+    add more. ``nodes`` is ``ray.nodes()``."""
+    cpus = options.cpus_per_actor
+    gpus = (options.gpus_per_actor or 0.0) if gpus is None else gpus
     shapes = [
         (n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
         for n in nodes
         if n.get("Alive")
     ]
-    counted = _describe_nodes(shapes)
+    types = list(types)
+    if any(_actors_per_node(shape, cpus, gpus) for shape in types):
+        return  # the autoscaler can start a node that hosts it (and more of them)
+    counted = _describe_nodes(shapes, types)
     fits = [_actors_per_node(shape, cpus, gpus) for shape in shapes]
     if not any(fits):
         most_cpus = max((c for c, _ in shapes), default=0.0)
@@ -241,13 +381,18 @@ def _actors_per_node(shape: tuple[float, float], cpus: float, gpus: float) -> in
     return min(counts)
 
 
-def _describe_nodes(shapes: list[tuple[float, float]]) -> str:
-    """``"alive nodes now: 2 x (2 CPU, 0 GPU)"``, plus what the check cannot see."""
+def _describe_nodes(shapes: list[tuple[float, float]], types: list[tuple[float, float]]) -> str:
+    """``"alive nodes now: 2 x (2 CPU, 0 GPU)"``, plus the autoscaling node types (or that the
+    check cannot see any)."""
     groups = Counter(shapes)
     listed = ", ".join(f"{n} x ({c:g} CPU, {g:g} GPU)" for (c, g), n in sorted(groups.items()))
-    return (
-        f"alive nodes now: {listed or 'none'}; nodes an autoscaler has not started are not counted"
-    )
+    if not types:
+        return (
+            f"alive nodes now: {listed or 'none'}; nodes an autoscaler has not started are not "
+            "counted"
+        )
+    kinds = ", ".join(f"({c:g} CPU, {g:g} GPU)" for c, g in sorted(set(types)))
+    return f"alive nodes now: {listed or 'none'}; autoscaling node types: {kinds}"
 
 
 def _check_actor_device(device: str, gpus: float) -> None:
@@ -325,62 +470,153 @@ class RayEngine:
         except RayError as err:
             raise cluster_error(err) from err
 
-    def _score(
-        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
-    ) -> pa.Table:
+    def _dataset(self, fragments: list[Fragment], threshold: float | None):
+        """read -> tokenize -> model stages -> score, as a lazy Ray dataset."""
         import ray
 
-        config = self.plan.config
+        config, models = self.plan.config, self.plan.models
         options = config.ray
-        blocks = max(1, math.ceil(sum(f.num_rows for f in fragments) / options.rows_per_block))
         ds = (
-            ray.data.from_items([dataclasses.asdict(f) for f in fragments])
+            ray.data.from_items(
+                [dataclasses.asdict(f) for f in fragments], override_num_blocks=len(fragments)
+            )
             .map_batches(
                 _read,
                 fn_kwargs={"columns": self.plan.columns},
                 batch_size=1,
                 batch_format="pyarrow",
             )
-            .repartition(blocks)
+            .map_batches(
+                _mark_slices,
+                fn_kwargs={"starts": plan_slices(fragments, options.rows_per_block)},
+                batch_size=None,
+                batch_format="pyarrow",
+            )
+            .repartition(target_num_rows_per_block=options.rows_per_block)
             .map_batches(
                 _tokenize,
                 fn_kwargs={
-                    "tokenizer_path": str(self.plan.models.tokenizer),
+                    "tokenizer_uri": tokenizer_uri(self.plan),
+                    "cache_dir": config.cache_dir,
                     "max_length": config.max_length,
                 },
                 batch_format="pyarrow",
             )
-            .map_batches(
-                BlockScorer,
-                fn_constructor_kwargs={"config": config, "threshold": threshold},
+        )
+        gpus = stage_gpus(config, _has_gpus(ray.nodes(), node_types()))
+        for role in model_stages(models.target_is_adapter):
+            ds = ds.map_batches(
+                STAGE_ACTORS[role],
+                fn_constructor_kwargs={"config": config},
                 compute=ray.data.ActorPoolStrategy(
-                    min_size=options.min_actors,
-                    max_size=options.max_actors,
+                    min_size=options.min_actors, max_size=options.max_actors
                 ),
-                num_gpus=options.gpus_per_actor,
+                num_gpus=gpus[role],
                 num_cpus=options.cpus_per_actor,
                 batch_size=options.rows_per_block,
                 batch_format="pyarrow",
             )
-            .materialize()
+        return ds.map_batches(
+            _score,
+            fn_kwargs={"include_text": config.include_text, "threshold": threshold},
+            batch_format="pyarrow",
+            num_cpus=0.25,
         )
-        if output is not None:
-            write = ray.remote(num_cpus=0.25)(_write_part)
-            parts = ds.to_arrow_refs()  # each block is written where it lives, not via the driver
-            output.claim(*(outputs.part_name(i) for i in range(len(parts))))
-            ray.get(
-                [write.remote(ref, output.uri, output.encryption, i) for i, ref in enumerate(parts)]
+
+    def _score(
+        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
+    ) -> pa.Table:
+        ds = self._dataset(fragments, threshold)
+        total = sum(f.num_rows for f in fragments)
+        if output is None:  # calibration: the score columns come straight back
+            batches = _progress(ds.iter_batches(batch_format="pyarrow"), total, len)
+            tables = [
+                b.drop_columns([c for c in ("text", SLICE) if c in b.column_names]) for b in batches
+            ]
+            scores = pa.concat_tables(tables).sort_by("source_row")
+        else:
+            slices = plan_slices(fragments, self.plan.config.ray.rows_per_block)
+            output.claim(*(outputs.part_name(start) for start in slices))
+            written = ds.map_batches(
+                _write_parts,
+                fn_kwargs={"out": output.uri, "encryption": output.encryption},
+                batch_size=None,
+                batch_format="pyarrow",
+                num_cpus=0.25,
             )
-        columns = [c for c in ds.schema().names if c != "text"]
-        scores = pa.concat_tables(ray.get(ds.select_columns(columns).to_arrow_refs()))
+            reported = {}
+            batches = written.iter_batches(batch_format="pyarrow")
+            for batch in _progress(batches, total, lambda b: pc.sum(b["rows"]).as_py() or 0):
+                parts = zip(batch["part"].to_pylist(), batch["rows"].to_pylist(), strict=True)
+                reported.update(parts)
+            scores = commit(output, fragments, slices, reported)
         self.backend_choice = self._choice(scores)
-        return scores.sort_by("source_row")
+        return scores
 
     def _choice(self, scores: pa.Table) -> dict:
-        """Which backends the actors used (per row in the ``backend`` column) and why."""
+        """Which backends the stages used (per row in the ``backend`` column)."""
         used = sorted(set(scores.column("backend").to_pylist()))
-        reason = why_not_vllm(self.plan.models, BackendOptions.from_config(self.plan.config))
-        return {"name": "+".join(used), "reason": reason or "vLLM, canary-checked per actor"}
+        roles = model_stages(self.plan.models.target_is_adapter)
+        reason = f"model stages {', '.join(roles)} on Ray actors; each backend chosen per actor"
+        return combined_choice({"ray": {"name": "+".join(used), "reason": reason}})
 
     def close(self) -> None:
         """The cluster stays up; actors are released with the dataset."""
+
+
+def tokenizer_uri(plan: AuditPlan) -> str:
+    """The URI of the model whose tokenizer the audit uses (the target's, else the
+    reference's), for tokenize tasks to fetch on their own nodes."""
+    config, models = plan.config, plan.models
+    if models.tokenizer == models.target:
+        return config.target
+    return config.reference or adapter_base(models.target)
+
+
+def _progress(
+    batches: Iterable[pa.Table], total: int, rows_of: Callable[[pa.Table], int]
+) -> Iterator[pa.Table]:
+    """Pass ``batches`` through, logging the scoring progress at about every tenth of the
+    ``total`` rows (``rows_of``: the rows a batch stands for)."""
+    done, next_at = 0, 0
+    for batch in batches:
+        yield batch
+        done += rows_of(batch)
+        if done >= next_at:
+            log.warning("scoring: %d of %d rows (%d%%)", done, total, 100 * done // max(total, 1))
+            next_at = done + max(1, total // 10)
+
+
+def commit(
+    output: outputs.Output, fragments: list[Fragment], slices: list[int], reported: dict[int, int]
+) -> pa.Table:
+    """Check the written parts against the expected rows and return their score columns (no
+    texts), in source order: every slice's part was written, and every source row of the
+    fragments is in the parts exactly once."""
+    missing = [start for start in slices if start not in reported]
+    if missing:
+        raise OutputError(
+            f"--out {output.uri}: {len(missing)} scores part(s) were not written (e.g. "
+            f"{outputs.part_name(missing[0])}); rerun the audit"
+        )
+    tables = []
+    for start in slices:
+        data = storage.read_bytes(storage.join(output.uri, outputs.part_name(start)))
+        schema = pq.read_schema(io.BytesIO(data))
+        names = [n for n in schema.names if n != "text"]
+        tables.append(pq.read_table(io.BytesIO(data), columns=names))
+    scores = pa.concat_tables(tables, promote_options="permissive").sort_by("source_row")
+    expected = np.sort(
+        np.concatenate([np.arange(f.offset, f.offset + f.num_rows) for f in fragments])
+    )
+    found = scores.column("source_row").to_numpy()
+    if not np.array_equal(found, expected):
+        twice = found[:-1][found[1:] == found[:-1]]
+        lost = np.setdiff1d(expected, found)
+        what = f"source row {twice[0]} twice" if len(twice) else f"no source row {lost[0]}"
+        raise OutputError(
+            f"--out {output.uri}: the written scores parts hold {what} ({len(found)} rows for "
+            f"{len(expected)} expected); a block was split or lost on the cluster: rerun the "
+            "audit"
+        )
+    return scores

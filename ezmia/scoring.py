@@ -1,22 +1,46 @@
-"""Scoring rows in two steps: tokenize (CPU), then both passes and every score (backend).
+"""Scoring rows in stages, in the shape of batch inference:
 
-The local engine runs both steps in this process; the Ray engine runs the first as CPU
-tasks and the second on its scoring actors. Nothing here knows where rows come from or go.
+    tokenize (CPU) -> model stage(s) -> score (CPU)
+
+A model stage runs one backend's passes over tokenized rows and adds only compact
+per-position list columns (``ROLE_COLUMNS``: true-token log-probs, top-1 hits, and Min-K%++'s
+``mu``/``sigma`` where the backend sees the distribution). A full fine-tune has a target stage
+and a reference stage, each holding one model; a LoRA target keeps both passes in one stage on
+one copy of its base (adapter on, then off): half the memory of two stages, the same compute.
+The score stage assembles ``TokenStats`` from those columns and computes every registered
+score (``scores.score_sequence``). The local engine runs these functions in this process; the
+Ray engine runs each model stage as its own actor pool. Nothing here knows where rows come
+from or go.
 """
 
 from __future__ import annotations
 
+import logging
+
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ezmia.backends.base import ScoringBackend
+from ezmia.backends.base import Role, ScoringBackend, stats_from_columns
+from ezmia.config import AuditConfig
 from ezmia.errors import ModelError
 from ezmia.io import ROW_INDEX
+from ezmia.models import ModelPlan
 from ezmia.schema import scores_schema
 from ezmia.scores import score_sequence
 from ezmia.text import tokenize
 
 TOKEN_COLUMNS = ("input_ids", "truncated", "zlib_size", "text_sha256")
+PASS_TYPES = {
+    "lp_target": pa.list_(pa.float64()),
+    "target_top1": pa.list_(pa.bool_()),
+    "mu": pa.list_(pa.float64()),
+    "sigma": pa.list_(pa.float64()),
+    "lp_reference": pa.list_(pa.float64()),
+}
+"""The per-position columns model stages add (dropped by the score stage)."""
+
+log = logging.getLogger(__name__)
 
 
 def tokenize_rows(rows: pa.Table, tokenizer, max_length: int) -> pa.Table:
@@ -33,29 +57,71 @@ def tokenize_rows(rows: pa.Table, tokenizer, max_length: int) -> pa.Table:
     return rows
 
 
-def score_tokenized(
-    rows: pa.Table,
-    backend: ScoringBackend,
-    include_text: bool,
-    flag_threshold: float | None = None,
-) -> pa.Table:
-    """Score tokenized rows into the scores schema; with ``flag_threshold`` (detection
-    mode), rows scoring above it are ``flagged``."""
+def model_stages(target_is_adapter: bool) -> list[Role]:
+    """The model stages of an audit, in order: one for a LoRA target (both passes on one copy
+    of the base), else the target's and the reference's."""
+    return ["both"] if target_is_adapter else ["target", "reference"]
+
+
+class ModelStage:
+    """One model stage: its backend (the models resolved on this node unless given), then
+    ``__call__`` adds the stage's per-position columns to each batch of tokenized rows."""
+
+    def __init__(self, config: AuditConfig, role: Role, models: ModelPlan | None = None) -> None:
+        from ezmia.audit import open_backend, resolve_models
+
+        self.role = role
+        self.backend, self.choice = open_backend(config, models or resolve_models(config), role)
+        log.info("%s stage backend: %s", role, self.choice)
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        return run_pass(rows, self.backend)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def run_pass(rows: pa.Table, backend: ScoringBackend) -> pa.Table:
+    """``rows`` with the backend's per-position columns and its name in ``backend``."""
     check_token_range(rows, backend.vocab_size)
-    input_ids = rows.column("input_ids").to_pylist()
-    stats = backend.token_stats(input_ids)
+    columns = backend.pass_columns(rows.column("input_ids").to_pylist())
+    for name, arrays in columns.items():
+        rows = rows.append_column(name, pa.array(arrays, PASS_TYPES[name]))
+    names = [backend.name] * rows.num_rows
+    if "backend" in rows.column_names:
+        before = rows.column("backend").to_pylist()
+        names = [b if b == backend.name else f"{b}+{backend.name}" for b in before]
+        rows = rows.drop_columns(["backend"])
+    return rows.append_column("backend", pa.array(names, pa.string()))
+
+
+def list_arrays(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """A list column as one numpy array per row (views, no per-element Python objects)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy()
+    values = array.values.to_numpy(zero_copy_only=False)  # offsets index these (slices too)
+    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+
+
+def score_rows(rows: pa.Table, include_text: bool, flag_threshold: float | None = None) -> pa.Table:
+    """Score rows that went through every model stage into the scores schema; with
+    ``flag_threshold`` (detection mode), rows scoring above it are ``flagged``."""
+    passes = {
+        name: list_arrays(rows.column(name)) for name in PASS_TYPES if name in rows.column_names
+    }
+    stats = stats_from_columns(passes)
+    n_tokens = pc.list_value_length(rows.column("input_ids")).to_pylist()
     zlib_sizes = rows.column("zlib_size").to_pylist()
     scored = [
-        score_sequence(s, len(ids), size)
-        for s, ids, size in zip(stats, input_ids, zlib_sizes, strict=True)
+        score_sequence(s, n, size) for s, n, size in zip(stats, n_tokens, zlib_sizes, strict=True)
     ]
     labelled = "is_member" in rows.column_names
     detection = flag_threshold is not None
     schema = scores_schema(rows.schema.field("id").type, labelled, detection, include_text)
     columns: dict = {name: [row[name] for row in scored] for name in scored[0]} if scored else {}
-    columns["n_tokens"] = [len(ids) for ids in input_ids]
+    columns["n_tokens"] = n_tokens
     columns["source_row"] = rows.column(ROW_INDEX)
-    columns["backend"] = [backend.name] * rows.num_rows
+    columns["backend"] = rows.column("backend")
     if detection:
         columns["flagged"] = [row["ez_score"] > flag_threshold for row in scored]
     for name in ("id", "truncated", "text_sha256", "is_member", "text"):
@@ -83,3 +149,17 @@ def check_token_range(rows: pa.Table, vocab_size: int | None) -> None:
                 f"{vocab_size - 1}): the tokenizer does not match the models; use the tokenizer "
                 "they were trained with"
             )
+
+
+def combined_choice(choices: dict[str, dict]) -> dict:
+    """One backend record for the summary from each model stage's ``{"name", "reason"}``: the
+    stage's own record when there is one stage, else the names joined and each reason by its
+    stage."""
+    if len(choices) == 1:
+        return next(iter(choices.values()))
+    names = list(dict.fromkeys(c["name"] for c in choices.values()))
+    return {
+        "name": "+".join(names),
+        "reason": "; ".join(f"{role} stage: {c['reason']}" for role, c in choices.items()),
+        "stages": choices,
+    }

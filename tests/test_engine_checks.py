@@ -24,7 +24,7 @@ from ezmia.cli import main
 from ezmia.errors import ModelError
 from ezmia.io import ROW_INDEX
 from ezmia.models import plan_models
-from ezmia.scoring import score_tokenized, tokenize_rows
+from ezmia.scoring import run_pass, score_rows, tokenize_rows
 from ezmia.text import load_tokenizer
 from tests.conftest import audit_args
 from tests.infra import free_port
@@ -108,7 +108,7 @@ def test_an_out_of_range_token_id_never_reaches_the_embedding(models):
         {"id": ["a", "b", "c"], "text": ["one two three four", "five six seven", "eight nine"]}
     ).append_column(ROW_INDEX, pa.array([10, 11, 12], pa.int64()))
     tokenized = tokenize_rows(rows, load_tokenizer(models.tokenizer), 32)
-    assert score_tokenized(tokenized, backend, include_text=False).num_rows == 3
+    assert score_rows(run_pass(tokenized, backend), include_text=False).num_rows == 3
     for bad in (backend.vocab_size, -1):
         ids = tokenized.column("input_ids").to_pylist()
         ids[1] = [*ids[1][:1], bad, *ids[1][1:]]
@@ -118,7 +118,7 @@ def test_an_out_of_range_token_id_never_reaches_the_embedding(models):
             pa.array(ids, pa.list_(pa.int32())),
         )
         with pytest.raises(ModelError, match=f"source row 11: token id {bad} is outside"):
-            score_tokenized(broken, backend, include_text=False)
+            run_pass(broken, backend)
 
 
 def test_a_job_server_ray_address_scores_locally_with_a_notice_and_is_refused_for_ray(

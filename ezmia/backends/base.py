@@ -1,15 +1,58 @@
-"""The interface every scoring backend implements."""
+"""The interface every scoring backend implements, and the per-position columns a model stage
+emits."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+import numpy as np
 
 from ezmia.scores import TokenStats
 
+Role = Literal["both", "target", "reference"]
+"""Which passes a backend runs: a model stage runs the target's or the reference's; ``both``
+runs the two on one copy of the weights where it can (an adapter on its base)."""
+
+ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "target": ("lp_target", "target_top1", "mu", "sigma"),
+    "reference": ("lp_reference",),
+}
+"""The per-position columns each pass emits (``mu``/``sigma`` only with the distribution)."""
+
+PassColumns = dict[str, list[np.ndarray]]
+"""Per-position arrays of each sequence, by column name (``ROLE_COLUMNS``)."""
+
+
+def role_columns(role: Role) -> tuple[str, ...]:
+    """The columns a backend of ``role`` emits."""
+    if role == "both":
+        return ROLE_COLUMNS["target"] + ROLE_COLUMNS["reference"]
+    return ROLE_COLUMNS[role]
+
+
+def stats_from_columns(columns: Mapping[str, Sequence[np.ndarray | None]]) -> list[TokenStats]:
+    """Every sequence's ``TokenStats`` from the two passes' columns (``mu``/``sigma`` may be
+    missing: a backend without the distribution)."""
+    mu, sigma = columns.get("mu"), columns.get("sigma")
+    return [
+        TokenStats(
+            lp_target=np.asarray(lp_t, dtype=np.float64),
+            lp_reference=np.asarray(lp_r, dtype=np.float64),
+            target_top1=np.asarray(top1, dtype=bool),
+            mu=None if mu is None or mu[i] is None else np.asarray(mu[i], dtype=np.float64),
+            sigma=None
+            if sigma is None or sigma[i] is None
+            else np.asarray(sigma[i], dtype=np.float64),
+        )
+        for i, (lp_t, lp_r, top1) in enumerate(
+            zip(columns["lp_target"], columns["lp_reference"], columns["target_top1"], strict=True)
+        )
+    ]
+
 
 class ScoringBackend(Protocol):
-    """Runs the target and reference passes and returns per-position statistics.
+    """Runs the target and/or reference pass (``role``) and returns per-position statistics.
 
     ``name`` is recorded in the summary; ``provides_distribution`` is True when ``mu`` and
     ``sigma`` (Min-K%++) are filled; ``vocab_size`` bounds the token ids it accepts (None:
@@ -17,14 +60,20 @@ class ScoringBackend(Protocol):
     """
 
     name: str
+    role: Role
     provides_distribution: bool
     vocab_size: int | None
 
+    def pass_columns(self, sequences: Sequence[Sequence[int]]) -> PassColumns:
+        """The ``role``'s per-position columns of each token-id sequence, in input order;
+        fewer than 2 tokens gives empty arrays."""
+        ...
+
     def token_stats(self, sequences: Sequence[Sequence[int]]) -> list[TokenStats]:
-        """Statistics for each token-id sequence, in input order; fewer than 2 tokens gives
-        ``TokenStats.empty()``."""
+        """Statistics for each token-id sequence, in input order (role ``both`` only); fewer
+        than 2 tokens gives ``TokenStats.empty()``."""
         ...
 
     def close(self) -> None:
-        """Release models and engines."""
+        """Release the models (and accelerator memory)."""
         ...

