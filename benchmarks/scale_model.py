@@ -14,11 +14,13 @@ On a tiny GPT-2 (the run measures the engine, not the model), in one run:
    object store's peak use (sampled from the raylets every ``--sample-s`` seconds), beside the
    size of the score columns the audit returns.
 
-The Ray cluster is started here, bound to 127.0.0.1, with ``--cpus`` logical CPUs (default:
-this machine's). Every audit: one scoring actor (``--cpus-per-actor``), ``--max-length``
-tokens, no labels (scores only) and no bootstrap. Results go to ``scale_model.json`` under
-``--out`` (default: ``$OUT`` or ``benchmarks/``), with ``estimate``: the model applied to an
-organization-wide batch (``--estimate-*``; see benchmarks/README.md for the assumptions).
+The Ray cluster is started here, bound to 127.0.0.1, with ``--cpus`` logical CPUs (default 4,
+as the tests' two-node loopback cluster: a full target's two model stages at 0.5 CPU each
+leave room for 3 audits beside one CPU for the tasks; the cores are this machine's). Every
+audit: one actor per model stage (``--cpus-per-actor``), ``--max-length`` tokens, no labels
+(scores only) and no bootstrap. Results go to ``scale_model.json`` under ``--out`` (default:
+``$OUT`` or ``benchmarks/``), with ``estimate``: the model applied to an organization-wide
+batch (``--estimate-*``; see benchmarks/README.md for the assumptions).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-in-flight", type=int, help="default: the batch's own rule")
     parser.add_argument("--sizes", default="1000,3000,10000,100000")
     parser.add_argument("--local-max", type=int, default=10_000)
-    parser.add_argument("--cpus", type=float, default=float(os.cpu_count() or 1))
+    parser.add_argument("--cpus", type=float, default=4.0, help="the cluster's logical CPUs")
     parser.add_argument("--cpus-per-actor", type=float, default=0.5)
     parser.add_argument("--rows-per-block", type=int, default=1024)
     parser.add_argument("--max-length", type=int, default=64)

@@ -2,14 +2,14 @@
 ``OUT/date=YYYY-MM-DD/checkpoint=<name>/`` and one index row per audit under ``OUT/index/``.
 
 Audits run side by side, up to ``max_in_flight`` at once, each its own ``audit(config)`` call
-in a thread of this process (on Ray: its own Ray Data pipeline and scoring actor pool on the
-one cluster). An audit's index row is written as soon as it finishes; one audit's failure
-stops neither the others nor their rows. Default ``max_in_flight`` (``default_in_flight``):
-on Ray, as many audits as the cluster hosts with every scoring actor pool at its
-``max_actors``, by GPUs when the audits ask for GPUs and by CPUs (one CPU kept for the read,
-tokenize and write tasks every audit needs). Local audits run one at a time (transformers
-loads models through process-wide state, and a local audit's scoring already takes every core,
-or the one GPU, of this process).
+in a thread of this process (on Ray: its own Ray Data pipeline and model stages' actor pools
+on the one cluster). An audit's index row is written as soon as it finishes; one audit's
+failure stops neither the others nor their rows. Default ``max_in_flight``
+(``default_in_flight``): on Ray, as many audits as the cluster's alive nodes host with every
+model stage's actor pool at its ``max_actors``, by GPUs when the audits ask for GPUs and by
+CPUs (one CPU kept for the read, tokenize, score and write tasks of every audit). Local
+audits run one at a time (transformers loads models through process-wide state, and a local
+audit's scoring already takes every core, or the one GPU, of this process).
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import functools
 import logging
 import math
 import threading
-from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field
@@ -102,14 +100,23 @@ def plan_batch(path: str) -> tuple[BatchConfig, list[AuditConfig]]:
     return batch, configs
 
 
+def footprint(config: AuditConfig, cluster_has_gpus: bool) -> tuple[float, float]:
+    """CPUs and GPUs an audit's actors hold with every model stage's pool at ``max_actors``
+    (a full target: target and reference stages; a LoRA target: one shared base stage)."""
+    from ezmia.pipeline import stage_gpus
+
+    gpus = stage_gpus(config, cluster_has_gpus)
+    actors = config.ray.max_actors
+    return actors * len(gpus) * config.ray.cpus_per_actor, actors * sum(gpus.values())
+
+
 def default_in_flight(configs: list[AuditConfig], cluster: dict[str, float]) -> int:
     """Ray audits at once when the YAML sets no ``max_in_flight``. ``cluster``: the Ray
-    cluster's total resources (``ray.cluster_resources()``). Each audit is counted at its
-    largest pool (``max_actors`` x its per-actor request, the largest of the batch): by GPUs
-    when the audits ask for GPUs, and by the CPUs left after ``TASK_CPUS``; at least 1, at
-    most the number of audits."""
-    cpus = max(c.ray.max_actors * c.ray.cpus_per_actor for c in configs)
-    gpus = max(c.ray.max_actors * c.ray.gpus_per_actor for c in configs)
+    cluster's total resources (``ray.cluster_resources()``, the nodes alive now). Each audit is
+    counted at the largest ``footprint`` of the batch: by GPUs when the audits ask for GPUs,
+    and by the CPUs left after ``TASK_CPUS``; at least 1, at most the number of audits."""
+    shapes = [footprint(config, cluster.get("GPU", 0.0) > 0) for config in configs]
+    cpus, gpus = max(c for c, _ in shapes), max(g for _, g in shapes)
     fits = [math.floor((cluster.get("CPU", 0.0) - TASK_CPUS) / cpus + 1e-9)]
     if gpus:
         fits.append(math.floor(cluster.get("GPU", 0.0) / gpus + 1e-9))
@@ -143,23 +150,6 @@ def in_flight(batch: BatchConfig, configs: list[AuditConfig]) -> int:
                         "their Ray cluster run one at a time", batch.max_in_flight)  # fmt: skip
         return 1
     return min(batch.max_in_flight or default_in_flight(configs, cluster), len(configs))
-
-
-def fetch_shared_models(configs: list[AuditConfig]) -> None:
-    """Download once, before audits run side by side, each model two or more audits name:
-    threads of one process fetching the same model would share its staging folder."""
-    from ezmia.models import resolve_model_dir
-
-    named = Counter(
-        (uri, config.cache_dir)
-        for config in configs
-        for uri in {config.target, config.reference}
-        if uri is not None
-    )
-    for (uri, cache), count in named.items():
-        if count > 1:
-            with contextlib.suppress(EzmiaError):  # each audit reports it as its own failure
-                resolve_model_dir(uri, Path(cache) if cache else None)
 
 
 def run_one(config: AuditConfig, root: str, date: str) -> Outcome:
@@ -237,8 +227,6 @@ def run_batch(path: str) -> int:
     date = index.today()  # the day the batch started names its index partition
     limit = in_flight(batch, configs)
     log.info("%d audits, up to %d at once", len(configs), limit)
-    if limit > 1:
-        fetch_shared_models(configs)
     jobs = [functools.partial(run_one, config, batch.out, date) for config in configs]
     outcomes = run_side_by_side(jobs, limit)
     for outcome in outcomes:

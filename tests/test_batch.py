@@ -115,7 +115,7 @@ def kill_one_scoring_actor(deadline: float, killed: list[int]) -> None:
     session's)."""
     while time.time() < deadline and not killed:
         found = subprocess.run(
-            ["pgrep", "-f", r"MapBatches\(.*Scorer"], capture_output=True, text=True
+            ["pgrep", "-f", r"MapWorker\(MapBatches\("], capture_output=True, text=True
         ).stdout.split()
         ours = [int(pid) for pid in found if int(pid) in process_tree()]
         if ours:
@@ -161,20 +161,26 @@ def test_a_killed_scoring_actor_leaves_every_audit_complete_or_one_failed_cleanl
     assert sorted(r["checkpoint"] for r in index_rows(out)) == sorted(done)
 
 
-def test_default_in_flight_fills_the_gpus_or_cpus_the_pools_ask_for(tmp_path):
-    def configs(n: int, **ray) -> list[AuditConfig]:
-        return [AuditConfig(target="t", data=["d"], out=str(tmp_path / str(i)), ray=ray)
+def test_default_in_flight_fills_the_gpus_or_cpus_the_model_stages_ask_for(tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+
+    def configs(n: int, target: Path = tmp_path / "full", **ray) -> list[AuditConfig]:
+        return [AuditConfig(target=str(target), data=["d"], out=str(tmp_path / str(i)), ray=ray)
                 for i in range(n)]  # fmt: skip
 
-    gpu_pools = configs(20, max_actors=8, gpus_per_actor=1, cpus_per_actor=4)
-    assert default_in_flight(gpu_pools, {"CPU": 8 * 96, "GPU": 64}) == 8
-    assert default_in_flight(gpu_pools, {"CPU": 64, "GPU": 64}) == 1  # 63 CPUs: one pool of 32
-    half_gpus = configs(20, max_actors=2, gpus_per_actor=0.5)
+    # a full target has two stages (target, reference), a LoRA target one (its base)
+    full = configs(20, max_actors=8, gpus_per_actor=1, cpus_per_actor=4)
+    assert default_in_flight(full, {"CPU": 8 * 96, "GPU": 64}) == 4
+    assert default_in_flight(configs(20, adapter, max_actors=8), {"CPU": 768, "GPU": 64}) == 8
+    assert default_in_flight(full, {"CPU": 64, "GPU": 64}) == 1  # 63 CPUs: less than 2 x 32
+    half_gpus = configs(20, max_actors=2, gpus_per_actor=0.25)
     assert default_in_flight(half_gpus, {"CPU": 100, "GPU": 3}) == 3
-    cpu_pools = configs(20, max_actors=2, cpus_per_actor=0.5)
+    cpu_pools = configs(20, adapter, max_actors=2, cpus_per_actor=0.5)
     assert default_in_flight(cpu_pools, {"CPU": 4}) == 3  # one CPU left for the tasks
     assert default_in_flight(cpu_pools[:2], {"CPU": 64}) == 2
-    assert default_in_flight(cpu_pools, {"CPU": 1}) == 1
+    assert default_in_flight(configs(3), {"CPU": 1}) == 1
 
 
 def test_a_failing_local_audit_leaves_the_others_indexed_and_exits_1(models, tmp_path, capsys):
@@ -194,3 +200,31 @@ def test_a_failing_local_audit_leaves_the_others_indexed_and_exits_1(models, tmp
     assert lines[3].startswith("2 audits indexed in ") and lines[3].endswith("; 1 failed")
     assert sorted(r["checkpoint"] for r in index_rows(out)) == ["full", "lora"]
     assert not location(out, "broken").exists()
+
+
+@pytest.mark.ray
+def test_an_interrupted_side_by_side_batch_removes_what_its_running_audits_wrote(
+    cluster, models, tmp_path
+):
+    defaults = ray_defaults(cluster, models, models.eval, rows_per_block=8, batch_size=2)
+    names = ["full", "lora"]
+    audits = [{"name": n, "target": str(getattr(models, n))} for n in names]
+    out = tmp_path / "out"
+    main = threading.main_thread().ident
+
+    def interrupt_when_both_run() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if all((location(out, n) / LOCK).exists() for n in names):
+                time.sleep(2)  # into scoring
+                signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C, as the CLI gets it
+                return
+            time.sleep(0.05)
+
+    interrupter = threading.Thread(target=interrupt_when_both_run)
+    interrupter.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(write_batch(tmp_path / "b.yaml", out, defaults, audits, max_in_flight=2))
+    interrupter.join()
+    assert [p for p in out.rglob("*") if p.is_file()] == []
+    assert not (out / "index").exists()
