@@ -25,6 +25,7 @@ import yaml
 from ezmia import storage
 from ezmia.demo.build import DEMO_CORPUS, DEMO_COUNTS, DemoArtifacts, build_demo_artifacts
 from ezmia.demo.train import DEMO_SIZES
+from ezmia.index import report_location, today
 from ezmia.models import default_cache_dir
 from ezmia.scores import SCORES
 
@@ -196,7 +197,7 @@ def run_demo(out: str, data_uri: str | None) -> int:
     use_job = bool(data_uri and os.environ.get("RAY_ADDRESS"))
     artifacts = stage(built, data_uri) if data_uri else stage(built, str(built.root))
     spec = batch_spec(artifacts, out, engine="ray" if use_job else "local")
-    spec["date"] = "demo"
+    spec["date"] = date = today()  # the batch's report folders: date=YYYY-MM-DD
     config_uri = storage.join(data_uri or tempfile.mkdtemp(), "demo-audits.yaml")
     storage.write_bytes(config_uri, yaml.safe_dump(spec).encode())
     if use_job:
@@ -206,11 +207,10 @@ def run_demo(out: str, data_uri: str | None) -> int:
 
         if run_batch(config_uri):
             return 1
-    from ezmia.index import report_location
 
     summaries = {}
     for audit in spec["audits"]:
-        location = report_location(out, audit["name"], "demo")
+        location = report_location(out, audit["name"], date)
         summaries[audit["name"]] = json.loads(
             storage.read_bytes(storage.join(location, "summary.json"))
         )
@@ -221,7 +221,7 @@ def run_demo(out: str, data_uri: str | None) -> int:
     print()
     local_dir = Path("demo-out")
     for name in summaries:
-        report = storage.join(report_location(out, name, "demo"), "report.html")
+        report = storage.join(report_location(out, name, date), "report.html")
         copy = local_dir / f"{name}.html"
         copy.parent.mkdir(exist_ok=True)
         copy.write_bytes(storage.read_bytes(report))
