@@ -186,23 +186,23 @@ def fit(sizes: list[int], seconds: list[float]) -> dict:
 
 def estimate(args: argparse.Namespace, ray_fit: dict, local_fit: dict) -> dict:
     """Wall time of ``--estimate-checkpoints`` audits of ``--estimate-texts`` texts on
-    ``--estimate-gpus`` GPUs, one GPU per scoring actor, for a few pool sizes per audit:
-    every audit pays the model load and the measured Ray fixed cost once per pool; its texts
-    cost the GPU time plus the measured Ray per-sequence overhead spread over its actors."""
+    ``--estimate-gpus`` GPUs, for a few GPUs per audit (its model stages' actors together):
+    every audit pays the model load and the measured Ray fixed cost once; its texts cost their
+    GPU-seconds (both passes) plus the measured Ray per-sequence overhead, spread over its
+    GPUs; audits run in waves of ``GPUs / GPUs per audit``."""
     import math
 
     overhead_ms = max(0.0, ray_fit["per_sequence_ms"] - local_fit["per_sequence_ms"])
     gpu_ms = 1000 / args.estimate_seq_per_gpu_s
     rows = []
-    for actors in (1, 8, args.estimate_gpus):
-        at_once = max(1, args.estimate_gpus // actors)
+    for gpus in (1, 8, args.estimate_gpus):
+        at_once = max(1, args.estimate_gpus // gpus)
         audit_s = (args.estimate_load_s + ray_fit["fixed_s"]
-                   + args.estimate_texts * (gpu_ms + overhead_ms) / 1000 / actors)  # fmt: skip
+                   + args.estimate_texts * (gpu_ms + overhead_ms) / 1000 / gpus)  # fmt: skip
         waves = math.ceil(args.estimate_checkpoints / at_once)
-        rows.append({"actors_per_audit": actors, "audits_at_once": at_once,
+        rows.append({"gpus_per_audit": gpus, "audits_at_once": at_once,
                      "audit_minutes": audit_s / 60, "waves": waves,
                      "batch_hours": waves * audit_s / 3600})  # fmt: skip
-    serial = rows[-1]["audit_minutes"] * args.estimate_checkpoints / 60
     return {
         "checkpoints": args.estimate_checkpoints, "texts": args.estimate_texts,
         "gpus": args.estimate_gpus, "sequences_per_gpu_s": args.estimate_seq_per_gpu_s,
@@ -210,7 +210,7 @@ def estimate(args: argparse.Namespace, ray_fit: dict, local_fit: dict) -> dict:
         "ray_per_sequence_overhead_ms": overhead_ms,
         "pure_scoring_hours": args.estimate_checkpoints * args.estimate_texts * gpu_ms / 1000
         / 3600 / args.estimate_gpus,
-        "layouts": rows, "one_at_a_time_64_actors_hours": serial,
+        "layouts": rows,
     }  # fmt: skip
 
 
