@@ -12,6 +12,7 @@ from ezmia.metrics import (
     detection_threshold,
     exact_interval,
     labelled_metrics,
+    metric_label,
     min_nonmembers,
     operating_point,
     point_metrics,
@@ -283,3 +284,15 @@ def test_exact_interval_is_clopper_pearson(successes, trials, expected):
 
 def test_exact_interval_level_is_a_parameter():
     assert exact_interval(0, 10, level=0.9) == pytest.approx([0.0, 1 - 0.05**0.1], abs=1e-12)
+
+
+def test_metric_labels_name_the_rate():
+    assert [metric_label(m) for m in ("auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr")] == [
+        "AUC",
+        "TPR @ 1% FPR",
+        "TPR @ 0.1% FPR",
+    ]
+
+
+def test_bounded_value_of_metrics_without_unresolved_rates_is_the_metric():
+    assert bounded_value({"auc": 0.5, "tpr_at_1pct_fpr": 0.25}, "tpr_at_1pct_fpr") == 0.25

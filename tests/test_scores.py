@@ -14,8 +14,10 @@ from ezmia.scores import (
     EZ_TOO_FEW_ERRORS,
     EZ_TOO_SHORT,
     SCORES,
+    Score,
     TokenStats,
     ez_score,
+    register,
     score_sequence,
 )
 
@@ -192,3 +194,23 @@ def test_each_baseline_alone_warns_nothing_on_zero_spread(name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SCORES[name].fn(degenerate, 8)
+
+
+def test_registering_a_score_records_its_metadata_and_first_docstring_line():
+    def toy(stats: TokenStats, zlib_size: int) -> float:
+        """Toy: the first position's log-prob.
+
+        Not the description."""
+        return float(stats.lp_target[0])
+
+    try:
+        assert register("toy", "Toy", "#123456", higher="a likelier first token")(toy) is toy
+        assert SCORES["toy"] == Score(
+            "toy", "Toy", "#123456", "a likelier first token",
+            "Toy: the first position's log-prob.", toy, False,
+        )  # fmt: skip
+        register("toy", "Toy", "#123456", higher="x", needs_distribution=True)(toy)
+        assert SCORES["toy"].needs_distribution
+        assert score_sequence(stats(LP_T, LP_R, [False] * 4), 5, 1)["toy"] == -1.0
+    finally:
+        SCORES.pop("toy", None)

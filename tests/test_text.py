@@ -11,7 +11,8 @@ import pytest
 from tokenizers import processors
 
 from ezmia.errors import ModelError
-from ezmia.text import load_tokenizer, text_hash, tokenize
+from ezmia.models import ModelPlan
+from ezmia.text import check_vocabulary, load_tokenizer, text_hash, tokenize, vocab_sizes
 
 WORDS = " ".join(f"word{i}" for i in range(60))
 
@@ -131,3 +132,49 @@ def test_a_slow_tokenizer_is_refused(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "ByT5Tokenizer"}')
     with pytest.raises(ModelError, match="fast \\(Rust\\) tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_a_small_model_max_length_in_the_tokenizer_does_not_shorten_rows(models, tmp_path):
+    tokenizer = load_tokenizer(models.tokenizer)
+    tokenizer.model_max_length = 6
+    tokenizer.save_pretrained(tmp_path)
+    tokens = tokenize(load_tokenizer(tmp_path), [WORDS], max_length=12)
+    assert len(tokens.input_ids[0]) == 12 and tokens.truncated == [True]
+
+
+def model_dir(root, name: str, config: dict):
+    (root / name).mkdir()
+    (root / name / "config.json").write_text(json.dumps(config))
+    return root / name
+
+
+def test_vocab_sizes_of_both_models_or_of_an_adapters_base(models, tmp_path):
+    target = model_dir(tmp_path, "t", {"vocab_size": 1000})
+    reference = model_dir(tmp_path, "r", {"text_config": {"vocab_size": 1200}})
+    full = ModelPlan(target, reference, False, models.tokenizer)
+    assert vocab_sizes(full) == [(target / "config.json", 1000), (reference / "config.json", 1200)]
+    adapter = ModelPlan(target, reference, True, models.tokenizer)
+    assert vocab_sizes(adapter) == [(reference / "config.json", 1200)]
+    unknown = model_dir(tmp_path, "u", {"model_type": "x"})
+    assert vocab_sizes(ModelPlan(target, unknown, False, models.tokenizer)) == [
+        (target / "config.json", 1000)
+    ]
+
+
+@pytest.mark.parametrize(("size", "refused"), [(1023, True), (1024, False), (1025, False)])
+def test_a_tokenizer_is_refused_exactly_when_its_highest_id_is_outside_a_vocabulary(
+    models, tmp_path, size, refused
+):
+    top = max(load_tokenizer(models.tokenizer).get_vocab().values())
+    assert top == 1023  # the test tokenizer's 1024 ids
+    small = model_dir(tmp_path, "small", {"vocab_size": size})
+    plan = ModelPlan(models.full, small, False, models.tokenizer)
+    if not refused:
+        check_vocabulary(plan)
+        return
+    with pytest.raises(ModelError) as err:
+        check_vocabulary(plan)
+    assert str(err.value).startswith(
+        f"{models.tokenizer / 'tokenizer.json'}: the tokenizer can produce token ids up to 1023"
+    )
+    assert f"{small / 'config.json'} has vocab_size 1023 (ids 0 to 1022)" in str(err.value)
