@@ -58,14 +58,16 @@ class AuditPlan:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_models(config: AuditConfig) -> ModelPlan:
-    """The config's target and reference, resolved (downloaded) and checked on this node."""
+def resolve_models(config: AuditConfig, weights: bool = True) -> ModelPlan:
+    """The config's target and reference, resolved (downloaded) and checked on this node;
+    without ``weights`` (a Ray driver), S3 models without their weight files."""
     return plan_models(
         config.target,
         config.reference,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        weights=weights,
     )
 
 
@@ -80,7 +82,7 @@ def plan_audit(config: AuditConfig) -> AuditPlan:
         from ezmia.local import check_local
 
         check_local(config)  # this machine's device, before any model loads
-    models = resolve_models(config)
+    models = resolve_models(config, weights=not use_ray(config))  # Ray: actors fetch weights
     check_vocabulary(models)
     limit = context_length(models)
     if limit is not None and config.max_length > limit:

@@ -46,9 +46,19 @@ class ModelPlan:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
-def resolve_model_dir(uri: str, cache_dir: Path | None = None) -> Path:
-    """A local directory holding the model at ``uri`` (downloading S3 or hub models once)."""
+HEADER = ".ezmia-header"
+"""Suffix of a safetensors file's header (its JSON), fetched in place of the file for planning."""
+MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
+
+
+def resolve_model_dir(uri: str, cache_dir: Path | None = None, weights: bool = True) -> Path:
+    """A local directory holding the model at ``uri`` (downloading S3 or hub models once).
+    Without ``weights``, an S3 model's directory holds its small files and each safetensors
+    file's header only (``HEADER``; range requests): enough to plan and check, never to load."""
     cache = cache_dir or default_cache_dir()
+    if storage.is_s3(uri) and not weights:
+        small = lambda rel: not is_weight_file(rel)  # noqa: E731
+        return _download_s3_model(uri, cache / "plans", select=small, headers=True)
     if storage.is_s3(uri):
         return _download_s3_model(uri, cache / "models")
     path = Path(uri).expanduser()
@@ -87,7 +97,7 @@ def _cache_lock(path: Path) -> Iterator[None]:
 
 
 def _download_s3_model(
-    uri: str, cache: Path, select: Callable[[str], bool] | None = None
+    uri: str, cache: Path, select: Callable[[str], bool] | None = None, headers: bool = False
 ) -> Path:
     """Download every object under the prefix (those ``select`` accepts) once per machine,
     under a file lock that concurrent processes share; each file is checked against the
@@ -114,6 +124,10 @@ def _download_s3_model(
             return target  # another process fetched it while this one waited
         staging = cache / f".{key}.partial-{os.getpid()}-{threading.get_ident()}"
         _fetch(client, uri, bucket, prefix, files, staging)
+        if headers:
+            for rel, _etag, size in listing:
+                if fnmatch.fnmatch(rel, "*.safetensors"):
+                    _fetch_header(client, bucket, prefix + rel, staging / (rel + HEADER), size)
         (staging / COMPLETE).write_text(json.dumps(listing))
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)
@@ -135,6 +149,25 @@ def _fetch(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _fetch_header(client, bucket: str, key: str, dest: Path, size: int) -> None:
+    """Save a safetensors file's JSON header (two range requests), refusing a file too short
+    for the header it announces."""
+    uri = f"s3://{bucket}/{key}"
+    with storage.s3_errors(uri, "read the header of", ModelError):
+        first = client.get_object(Bucket=bucket, Key=key, Range="bytes=0-7")["Body"].read()
+        length = int.from_bytes(first, "little") if len(first) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER, size - 8):
+            raise ModelError(
+                f"{uri}: corrupt or truncated safetensors file (header of {length} bytes in "
+                f"{size}); upload the checkpoint again"
+            )
+        body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes=8-{7 + length}")
+        header = body["Body"].read()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    text = header.decode("utf-8", "replace")
+    dest.write_text(json.dumps({"size": size, "length": length, "header": text}))
 
 
 def _sizes_match(directory: Path, files: list[tuple[str, str, int]]) -> bool:
@@ -194,8 +227,8 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
     is_adapter = (path / "adapter_config.json").exists()
     if not is_adapter and not (path / "config.json").exists():
         raise ModelError(f"{path}: neither config.json nor adapter_config.json; not a checkpoint")
-    if not _matches(path, SAFE_WEIGHTS):
-        if not _matches(path, PICKLE_WEIGHTS):
+    if not _weights(path, SAFE_WEIGHTS):
+        if not _weights(path, PICKLE_WEIGHTS):
             raise ModelError(
                 f"{path}: no weights found (expected *.safetensors); is the checkpoint complete?"
             )
@@ -223,7 +256,10 @@ def weight_shapes(path: Path) -> dict[str, list[int]]:
     from safetensors import SafetensorError, safe_open
 
     shapes: dict[str, list[int]] = {}
-    for file in _matches(path, SAFE_WEIGHTS):
+    for file in _weights(path, SAFE_WEIGHTS):
+        if not file.exists():
+            shapes.update(_header_shapes(file))
+            continue
         try:
             with safe_open(str(file), framework="numpy") as handle:
                 names = handle.keys()  # noqa: SIM118 - a safetensors handle is not a dict
@@ -233,6 +269,37 @@ def weight_shapes(path: Path) -> dict[str, list[int]]:
                 f"{file}: corrupt or truncated safetensors file ({err}); download or save the "
                 "checkpoint again"
             ) from err
+    return shapes
+
+
+def _weights(path: Path, patterns: tuple[str, ...]) -> list[Path]:
+    """The weight files of a checkpoint directory: those present, and in a planning directory
+    (``resolve_model_dir(weights=False)``) those whose header stands in for them."""
+    present = _matches(path, patterns)
+    headers = [p.with_name(p.name.removesuffix(HEADER)) for p in _matches(path, ("*" + HEADER,))]
+    listed = [p for p in headers if any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
+    return sorted(set(present) | set(listed))
+
+
+def _header_shapes(file: Path) -> dict[str, list[int]]:
+    """Tensor shapes from a safetensors header saved beside where the file would be; refuses a
+    header that is not JSON or whose tensors extend past the file's listed size."""
+    saved = json.loads(file.with_name(file.name + HEADER).read_text())
+    try:
+        header = json.loads(saved["header"])
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: [int(d) for d in v["shape"]] for k, v in tensors.items()}
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise ModelError(
+            f"{file}: corrupt safetensors header ({err}); upload the checkpoint again"
+        ) from err
+    if 8 + saved["length"] + end != saved["size"]:
+        raise ModelError(
+            f"{file}: corrupt or truncated safetensors file (its header describes "
+            f"{8 + saved['length'] + end} bytes, the object has {saved['size']}); upload the "
+            "checkpoint again"
+        )
     return shapes
 
 
@@ -360,9 +427,11 @@ def plan_models(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     cache_dir: Path | None = None,
+    weights: bool = True,
 ) -> ModelPlan:
-    """Resolve, check and pair the target with its reference."""
-    target_dir = resolve_model_dir(target, cache_dir)
+    """Resolve, check and pair the target with its reference. Without ``weights`` (a Ray
+    driver, which plans but never loads), S3 models are fetched without their weights."""
+    target_dir = resolve_model_dir(target, cache_dir, weights)
     is_adapter = check_checkpoint(
         target_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
@@ -374,14 +443,14 @@ def plan_models(
             )
         reference = adapter_base(target_dir)
         try:
-            reference_dir = resolve_model_dir(reference, cache_dir)
+            reference_dir = resolve_model_dir(reference, cache_dir, weights)
         except EzmiaError as err:
             raise ModelError(
                 f"{target}: the adapter's base {reference} (base_model_name_or_path in "
                 f"adapter_config.json) is not available ({err}); pass --reference"
             ) from err
     else:
-        reference_dir = resolve_model_dir(reference, cache_dir)
+        reference_dir = resolve_model_dir(reference, cache_dir, weights)
     if check_checkpoint(
         reference_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     ):

@@ -142,7 +142,7 @@ def test_two_audit_job_matches_local_engine_and_indexes_both(cluster, s3, staged
 def _scoring_actors() -> list[int]:
     """Scoring actor processes of this test run (never another session's)."""
     found = subprocess.run(
-        ["pgrep", "-f", "MapBatches\\(BlockScorer\\)"], capture_output=True, text=True
+        ["pgrep", "-f", "MapBatches\\(.*ModelStage\\)"], capture_output=True, text=True
     ).stdout.split()
     ours = process_tree()
     return [int(pid) for pid in found if int(pid) in ours]
