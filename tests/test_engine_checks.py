@@ -262,3 +262,78 @@ def test_actor_requests_are_checked_against_whole_alive_nodes():
             assert fragment in str(raised.value), str(raised.value)
     check_resources(RayOptions(gpus_per_actor=0.5, min_actors=4, max_actors=8), cluster)
     check_resources(RayOptions(cpus_per_actor=16, min_actors=2, max_actors=3), cluster)
+
+
+def test_gpu_requests_fit_autoscaling_node_types_scaled_to_zero():
+    """A GPU worker group scaled to zero still hosts GPU actors once the autoscaler starts a
+    node; only when no node type can host one is it refused (naming the types)."""
+    from ezmia.config import RayOptions
+    from ezmia.errors import InputError
+    from ezmia.pipeline import check_resources
+
+    head = [_node(0)]  # a head that takes no work; the GPU group has no node yet
+    check_resources(RayOptions(), head, [(8.0, 1.0), (16.0, 4.0)], gpus=4)
+    check_resources(RayOptions(min_actors=3, max_actors=3), head, [(8.0, 1.0)], gpus=1)
+    with pytest.raises(InputError) as raised:
+        check_resources(RayOptions(), head, [(8.0, 1.0), (16.0, 4.0)], gpus=8)
+    message = str(raised.value)
+    assert "no node of the Ray cluster has a GPU" in message, message
+    assert "autoscaling node types: (8 CPU, 1 GPU), (16 CPU, 4 GPU)" in message, message
+
+
+def test_model_stages_ask_for_their_tensor_parallel_size_in_gpus_on_gpu_clusters(models):
+    """``gpus_per_actor`` unset: each model stage's actors ask for its tensor-parallel size on
+    a cluster with GPUs, none on a CPU cluster; a LoRA target's one stage follows the target;
+    an explicit ``--ray-gpus-per-actor`` applies to every stage."""
+    from ezmia.config import AuditConfig
+    from ezmia.pipeline import stage_gpus
+
+    def config(target: Path, **ray) -> AuditConfig:
+        return AuditConfig(
+            target=str(target),
+            reference=str(models.base),
+            data=[str(models.eval)],
+            out="unused",
+            ray=ray,
+            vllm={"tensor_parallel_size": 4, "reference_tensor_parallel_size": 2},
+        )
+
+    assert stage_gpus(config(models.full), True) == {"target": 4.0, "reference": 2.0}
+    assert stage_gpus(config(models.full), False) == {"target": 0.0, "reference": 0.0}
+    assert stage_gpus(config(models.lora), True) == {"both": 4.0}
+    explicit = config(models.full, gpus_per_actor=0.5)
+    assert stage_gpus(explicit, True) == {"target": 0.5, "reference": 0.5}
+
+
+def test_commit_accepts_every_row_once_and_refuses_missing_or_repeated_rows(tmp_path):
+    """The commit step reads the written parts back (score columns only, never texts) and
+    checks them against the planned slices and rows before ``_SUCCESS``."""
+    from ezmia import outputs, storage
+    from ezmia.errors import OutputError
+    from ezmia.io import Fragment
+    from ezmia.pipeline import commit, plan_slices
+
+    fragments = [Fragment("a", 0, 0, 5), Fragment("b", 0, 5, 3)]
+    slices = plan_slices(fragments, rows_per_block=2)
+    assert slices == [0, 2, 4, 5, 7]
+    output = outputs.Output(str(tmp_path / "out"), storage.Encryption())
+
+    def write(start: int, rows: list[int]) -> None:
+        table = pa.table({"source_row": rows, "text": [f"t{r}" for r in rows]})
+        outputs.write_scores(output.uri, table, None, part=start)
+
+    parts = {0: [0, 1], 2: [2, 3], 4: [4], 5: [5, 6], 7: [7]}
+    for start, rows in parts.items():
+        write(start, rows)
+    reported = {start: len(rows) for start, rows in parts.items()}
+    scores = commit(output, fragments, slices, reported)
+    assert scores.column_names == ["source_row"]
+    assert scores.column("source_row").to_pylist() == list(range(8))
+    with pytest.raises(OutputError, match="1 scores part"):
+        commit(output, fragments, slices, {k: v for k, v in reported.items() if k != 7})
+    write(5, [5])  # a split block: its part rewritten with part of its rows
+    with pytest.raises(OutputError, match="no source row 6"):
+        commit(output, fragments, slices, reported)
+    write(5, [5, 6, 6])
+    with pytest.raises(OutputError, match="source row 6 twice"):
+        commit(output, fragments, slices, reported)

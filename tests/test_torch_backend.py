@@ -83,3 +83,21 @@ def test_min_k_pp_statistics_are_the_moments_of_the_next_token_distribution(
     sigma = ((logp.exp() * logp.square()).sum(-1) - mu.square()).sqrt()
     np.testing.assert_allclose(stats.mu, mu.numpy(), atol=1e-4)
     np.testing.assert_allclose(stats.sigma, sigma.numpy(), atol=1e-4)
+
+
+def test_one_model_stages_emit_the_columns_of_the_shared_backend(models, full_backend, sequences):
+    """A target stage and a reference stage, each holding one model, emit exactly the columns
+    the two-model backend computes; the score stage rebuilds the same statistics."""
+    from ezmia.backends.base import stats_from_columns
+
+    plan = plan_models(str(models.full), str(models.base))
+    target = TorchBackend(plan, role="target", batch_size=4)
+    reference = TorchBackend(plan, role="reference", batch_size=4)
+    assert target.reference is None and reference.target is None
+    columns = {**target.pass_columns(sequences), **reference.pass_columns(sequences)}
+    assert set(columns) == {"lp_target", "target_top1", "mu", "sigma", "lp_reference"}
+    for a, b in zip(stats_from_columns(columns), full_backend.token_stats(sequences), strict=True):
+        np.testing.assert_allclose(a.lp_target, b.lp_target, atol=1e-9)
+        np.testing.assert_allclose(a.lp_reference, b.lp_reference, atol=1e-9)
+        np.testing.assert_allclose(a.mu, b.mu, atol=1e-9)
+        assert (a.target_top1 == b.target_top1).all()
