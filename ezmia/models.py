@@ -13,9 +13,11 @@ import fcntl
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,8 +48,12 @@ class ModelPlan:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
+PROGRESS_BYTES = 100_000_000  # downloads log each file at least this big, and the last one
+log = logging.getLogger(__name__)
+
 HEADER = ".ezmia-header"
 """Suffix of a safetensors file's header (its JSON), fetched in place of the file for planning."""
+HEADER_LISTING = ".ezmia-weights"  # a planning directory's list of the weights it lacks
 MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
 
 
@@ -125,6 +131,7 @@ def _download_s3_model(
         staging = cache / f".{key}.partial-{os.getpid()}-{threading.get_ident()}"
         _fetch(client, uri, bucket, prefix, files, staging)
         if headers:
+            (staging / HEADER_LISTING).write_text(json.dumps([list(f) for f in listing]))
             for rel, _etag, size in listing:
                 if fnmatch.fnmatch(rel, "*.safetensors"):
                     _fetch_header(client, bucket, prefix + rel, staging / (rel + HEADER), size)
@@ -137,15 +144,24 @@ def _download_s3_model(
 def _fetch(
     client, uri: str, bucket: str, prefix: str, files: list[tuple[str, str, int]], staging: Path
 ) -> None:
-    """Download and verify ``files`` into ``staging`` (removed again on failure)."""
+    """Download and verify ``files`` into ``staging`` (removed again on failure), logging
+    each file with this machine's name and the bytes done so far."""
     shutil.rmtree(staging, ignore_errors=True)
+    total, done = sum(size for _, _, size in files), 0
+    host = socket.gethostname()
     try:
-        for rel, etag, size in files:
+        for number, (rel, etag, size) in enumerate(files, 1):
             dest = staging / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             with storage.s3_errors(f"{uri.rstrip('/')}/{rel}", "download", ModelError):
                 client.download_file(bucket, prefix + rel, str(dest))
             _verify_download(client, bucket, prefix + rel, dest, etag, size)
+            done += size
+            if size >= PROGRESS_BYTES or number == len(files):
+                log.warning(
+                    "model %s on %s: %d of %d files, %.2f of %.2f GB",
+                    uri, host, number, len(files), done / 1e9, total / 1e9,
+                )  # fmt: skip
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -274,10 +290,15 @@ def weight_shapes(path: Path) -> dict[str, list[int]]:
 
 def _weights(path: Path, patterns: tuple[str, ...]) -> list[Path]:
     """The weight files of a checkpoint directory: those present, and in a planning directory
-    (``resolve_model_dir(weights=False)``) those whose header stands in for them."""
+    (``resolve_model_dir(weights=False)``) those its S3 listing names (a safetensors file's
+    header stands in for it)."""
     present = _matches(path, patterns)
-    headers = [p.with_name(p.name.removesuffix(HEADER)) for p in _matches(path, ("*" + HEADER,))]
-    listed = [p for p in headers if any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]
+    if not (path / HEADER_LISTING).exists():
+        return present
+    names = [rel for rel, *_ in json.loads((path / HEADER_LISTING).read_text())]
+    listed = [
+        path / n for n in names if "/" not in n and any(fnmatch.fnmatch(n, p) for p in patterns)
+    ]
     return sorted(set(present) | set(listed))
 
 

@@ -15,7 +15,9 @@ from or go.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +27,7 @@ from ezmia.backends.base import Role, ScoringBackend, stats_from_columns
 from ezmia.config import AuditConfig
 from ezmia.errors import ModelError
 from ezmia.io import ROW_INDEX
-from ezmia.models import ModelPlan
+from ezmia.models import ModelPlan, adapter_base, resolve_model_dir
 from ezmia.schema import scores_schema
 from ezmia.scores import score_sequence
 from ezmia.text import tokenize
@@ -63,15 +65,30 @@ def model_stages(target_is_adapter: bool) -> list[Role]:
     return ["both"] if target_is_adapter else ["target", "reference"]
 
 
+def stage_models(config: AuditConfig, role: Role) -> ModelPlan:
+    """The models of one stage, resolved on this node: planned and checked from the small
+    files, then only the weights this stage loads fetched (a reference stage never downloads
+    the target)."""
+    from ezmia.audit import resolve_models
+
+    plan = resolve_models(config, weights=False)
+    cache = Path(config.cache_dir) if config.cache_dir else None
+    uris = {"target": config.target, "reference": config.reference or adapter_base(plan.target)}
+    needed = ["target", "reference"] if role == "both" else [role]
+    return dataclasses.replace(
+        plan, **{name: resolve_model_dir(uris[name], cache) for name in needed}
+    )
+
+
 class ModelStage:
-    """One model stage: its backend (the models resolved on this node unless given), then
+    """One model stage: its backend (its models resolved on this node unless given), then
     ``__call__`` adds the stage's per-position columns to each batch of tokenized rows."""
 
     def __init__(self, config: AuditConfig, role: Role, models: ModelPlan | None = None) -> None:
-        from ezmia.audit import open_backend, resolve_models
+        from ezmia.audit import open_backend
 
         self.role = role
-        self.backend, self.choice = open_backend(config, models or resolve_models(config), role)
+        self.backend, self.choice = open_backend(config, models or stage_models(config, role), role)
         log.info("%s stage backend: %s", role, self.choice)
 
     def __call__(self, rows: pa.Table) -> pa.Table:
