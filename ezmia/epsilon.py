@@ -12,6 +12,7 @@ confidence. Pure math, no I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -65,25 +66,37 @@ def _bound_at(
 
 def audit_epsilon(
     labels: np.ndarray,
-    scores: np.ndarray,
+    scores: Mapping[str, np.ndarray],
     delta: float = DELTA,
     confidence: float = CONFIDENCE,
     seed: int = 0,
     max_thresholds: int = 512,
 ) -> dict[str, object] | None:
-    """The empirical epsilon lower bound of the attack ``score > threshold``, the threshold
-    chosen on a random half (among at most ``max_thresholds`` score quantiles) and the bound
-    measured on the other; ``None`` when a half lacks members or non-members."""
+    """The empirical epsilon lower bound of the attack ``score > threshold``: the score (of
+    ``scores``, NaN never flagged) and the threshold (among at most ``max_thresholds`` of its
+    quantiles) are both chosen on a random half of the rows and the bound is measured on the
+    other; ``None`` when a half lacks members or non-members."""
     labels = labels.astype(bool)
     order = np.random.default_rng(seed).permutation(len(labels))
     choose, measure = order[: len(order) // 2], order[len(order) // 2 :]
     if any(labels[h].all() or not labels[h].any() for h in (choose, measure)):
         return None
-    candidates = np.unique(np.quantile(scores[choose], np.linspace(0, 1, max_thresholds)))
-    best = max(
-        candidates,
-        key=lambda t: _bound_at(t, labels[choose], scores[choose], delta, confidence)[
-            "epsilon_lower_bound"
-        ],
-    )
-    return _bound_at(best, labels[measure], scores[measure], delta, confidence)
+    filled = {name: np.nan_to_num(v, nan=-np.inf) for name, v in scores.items()}
+    quantiles = np.linspace(0, 1, max_thresholds)
+    candidates = [
+        (name, float(t))
+        for name, values in filled.items()
+        if np.isfinite(values[choose]).any()
+        for t in np.unique(np.quantile(values[choose][np.isfinite(values[choose])], quantiles))
+    ]
+    if not candidates:
+        return None
+
+    def chosen_bound(candidate: tuple[str, float]) -> float:
+        name, threshold = candidate
+        bound = _bound_at(threshold, labels[choose], filled[name][choose], delta, confidence)
+        return bound["epsilon_lower_bound"]
+
+    name, threshold = max(candidates, key=chosen_bound)
+    bound = _bound_at(threshold, labels[measure], filled[name][measure], delta, confidence)
+    return {"score": name, **bound}

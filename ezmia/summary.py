@@ -160,22 +160,17 @@ def verdict(metrics: dict[str, dict]) -> dict[str, object]:
 
 
 def privacy_bound(
-    scores: pa.Table, score: str, delta: float, claimed_epsilon: float | None, seed: int
+    scores: pa.Table, names: list[str], delta: float, claimed_epsilon: float | None, seed: int
 ) -> dict | None:
-    """The empirical epsilon lower bound of the attack by ``score`` and, given a claimed
-    epsilon, whether the audit refutes it."""
+    """The empirical epsilon lower bound of the strongest attack among the scores ``names``
+    (chosen on held-out rows) and, given a claimed epsilon, whether the audit refutes it."""
     labels = scores.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
-    values = _column(scores, score)
-    finite = np.isfinite(values)
-    bound = audit_epsilon(labels[finite], values[finite], delta=delta, seed=seed)
-    if bound is None:
-        return None
-    bound["score"] = score
-    if claimed_epsilon is not None:
+    values = {name: _column(scores, name) for name in names}
+    bound = audit_epsilon(labels, values, delta=delta, seed=seed)
+    if bound is not None and claimed_epsilon is not None:
         bound["claimed_epsilon"] = claimed_epsilon
-        bound["claim"] = (
-            "refuted" if bound["epsilon_lower_bound"] > claimed_epsilon else ("not refuted")
-        )
+        refuted = bound["epsilon_lower_bound"] > claimed_epsilon
+        bound["claim"] = "refuted" if refuted else "not refuted"
     return bound
 
 
@@ -254,7 +249,7 @@ def build_summary(
         )
         summary["blind_baseline"] = blind
         if summary["verdict"].get("score"):
-            bound = privacy_bound(scores, summary["verdict"]["score"], delta, claimed_epsilon, seed)
+            bound = privacy_bound(scores, list(summary["metrics"]), delta, claimed_epsilon, seed)
             summary["privacy"] = bound
             summary["verdict"]["warnings"] = warnings(summary)
             if bound:
