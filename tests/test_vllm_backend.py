@@ -54,6 +54,10 @@ class Shifted:
             for s in self.inner.token_stats(sequences)
         ]
 
+    def pass_columns(self, sequences):
+        columns = self.inner.pass_columns(sequences)
+        return {**columns, "lp_target": [lp + self.shift for lp in columns["lp_target"]]}
+
     def close(self) -> None:
         self.closed = True
 
@@ -276,7 +280,7 @@ def test_cli_audit_with_vllm_matches_the_independent_implementation(
     from tests.reference_ez import naive_ez
 
     out = tmp_path / "out"
-    extra = ("--backend", "vllm", "--cache-dir", str(tmp_path))
+    extra = ("--backend", "vllm", "--cache-dir", str(tmp_path / "cache"))
     code = main(audit_args(models, out, *extra, target=getattr(models, target)))
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
