@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from ezmia import errors, outputs, storage
 from ezmia.audit import AuditPlan, job_server_address
-from ezmia.backends import parse_device
+from ezmia.backends import device_count, parse_device
 from ezmia.config import AuditConfig, RayOptions
 from ezmia.errors import EzmiaError, InputError, OutputError
 from ezmia.io import ROW_INDEX, Columns, Fragment, normalize, read_fragment
@@ -154,10 +154,12 @@ def connect(config: AuditConfig) -> None:
     and refuse an audit its nodes cannot run, before any model or data is read."""
     import ray
 
-    if config.ray.gpus_per_actor is not None:
-        check_request(config.ray, config.device, config.ray.gpus_per_actor)
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if config.ray.gpus_per_actor is not None or not (address or ray.is_initialized()):
+        # known before joining: asked for, or a new local instance has this machine's GPUs
+        for gpus in set(stage_gpus(config, device_count("cuda") > 0).values()):
+            check_request(config.ray, config.device, gpus)
     if not ray.is_initialized():
-        address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
         flag = (
             f"--ray-address {address}"
             if config.ray.address
