@@ -76,12 +76,16 @@ def _read(batch: dict, columns: Columns) -> pa.Table:
     )
 
 
-def _mark_slices(rows: pa.Table, starts: list[int]) -> pa.Table:
-    """Each row with its slice's first source row (``SLICE``; ``starts`` from
-    ``plan_slices``)."""
-    bounds = np.asarray(starts, dtype=np.int64)
-    index = rows.column(ROW_INDEX).to_numpy()
-    return rows.append_column(SLICE, pa.array(bounds[np.searchsorted(bounds, index, "right") - 1]))
+def _read_slices(batch: dict, columns: Columns, rows_per_block: int) -> Iterator[pa.Table]:
+    """Read one fragment (a batch of one ``Fragment``'s fields) and yield it slice by slice,
+    each row with its slice's first source row (``SLICE``). Ray Data builds blocks from whole
+    yields (it cuts a block only beyond 1.5 x its target size, far above one slice), so a
+    slice stays in one block and is written as one part."""
+    rows = _read(batch, columns)
+    first = pc.min(rows.column(ROW_INDEX)).as_py() if rows.num_rows else 0
+    for offset in range(0, rows.num_rows, rows_per_block):
+        part = rows.slice(offset, rows_per_block)
+        yield part.append_column(SLICE, pa.array([first + offset] * part.num_rows, pa.int64()))
 
 
 @functools.lru_cache(maxsize=4)
@@ -483,15 +487,9 @@ class RayEngine:
                 [dataclasses.asdict(f) for f in fragments], override_num_blocks=len(fragments)
             )
             .map_batches(
-                _read,
-                fn_kwargs={"columns": self.plan.columns},
+                _read_slices,
+                fn_kwargs={"columns": self.plan.columns, "rows_per_block": options.rows_per_block},
                 batch_size=1,
-                batch_format="pyarrow",
-            )
-            .map_batches(
-                _mark_slices,
-                fn_kwargs={"starts": plan_slices(fragments, options.rows_per_block)},
-                batch_size=None,
                 batch_format="pyarrow",
             )
             .repartition(target_num_rows_per_block=options.rows_per_block)
