@@ -97,7 +97,7 @@ SCORE_COLUMNS = SCORES.keys()
 
 
 def _first_line(fn: Callable) -> str:
-    return (fn.__doc__ or "").strip().splitlines()[0]
+    return next(iter((fn.__doc__ or "").strip().splitlines()), "")
 
 
 def register(

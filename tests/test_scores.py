@@ -214,3 +214,14 @@ def test_registering_a_score_records_its_metadata_and_first_docstring_line():
         assert score_sequence(stats(LP_T, LP_R, [False] * 4), 5, 1)["toy"] == -1.0
     finally:
         SCORES.pop("toy", None)
+
+
+def test_a_score_without_a_docstring_registers_with_an_empty_description():
+    def bare(stats: TokenStats, zlib_size: int) -> float:
+        return 0.0
+
+    try:
+        register("bare", "Bare", "#000000", higher="nothing")(bare)
+        assert SCORES["bare"].description == ""
+    finally:
+        SCORES.pop("bare", None)

@@ -181,3 +181,14 @@ def test_a_tokenizer_is_refused_exactly_when_its_highest_id_is_outside_a_vocabul
         "tokenizer the model was trained with, or resize the model's embeddings to the "
         "tokenizer (resize_token_embeddings) and save it again"
     )
+
+
+def test_a_vocabulary_refusal_names_the_tokenizer_folder_without_tokenizer_json(models, tmp_path):
+    """A GPT-2 tokenizer saved as vocab.json and merges.txt (no tokenizer.json)."""
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    load_tokenizer(models.tokenizer).backend_tokenizer.model.save(str(folder))
+    (folder / "tokenizer_config.json").write_text('{"tokenizer_class": "GPT2Tokenizer"}')
+    small = model_dir(tmp_path, "small", {"vocab_size": 1000})
+    with pytest.raises(ModelError, match=f"^{folder}: the tokenizer can produce token ids up to"):
+        check_vocabulary(ModelPlan(models.full, small, False, folder))
