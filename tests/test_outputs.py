@@ -239,7 +239,7 @@ def test_an_audit_that_fails_midway_removes_what_it_wrote(models, tmp_path, monk
     def crash(*_args, **_kwargs):
         raise RuntimeError("scoring crashed")
 
-    monkeypatch.setattr(local, "score_tokenized", crash)
+    monkeypatch.setattr(local, "score_rows", crash)
     with pytest.raises(RuntimeError, match="scoring crashed"):
         main(audit_args(models, out))
     assert out.is_dir() == existed
