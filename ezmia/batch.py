@@ -201,6 +201,12 @@ def run_side_by_side(jobs: list[Callable[[], Outcome]], limit: int) -> list[Outc
             with lock:
                 running.pop(number, None)
 
+    # transformers resolves its lazy attributes on first use, and two threads doing that at
+    # once can fail ("cannot import name 'AutoTokenizer'"): resolve them here, in one thread.
+    from peft import PeftModel  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers.activations import GELUTanh  # noqa: F401
+
     pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="ezmia-audit")
     futures = [pool.submit(tracked, number) for number in range(len(jobs))]
     try:

@@ -435,7 +435,7 @@ def _file_hash(file: Path, cache: Path) -> bytes:
             digest.update(chunk)
     with contextlib.suppress(OSError):  # a read-only cache only costs the hash next time
         cache.mkdir(parents=True, exist_ok=True)
-        staging = entry.with_name(f".{entry.name}.{os.getpid()}")
+        staging = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}")
         staging.write_text(digest.hexdigest())
         staging.replace(entry)
     return digest.digest()
