@@ -196,3 +196,32 @@ def _refusal(shape: Shape, model: str, dtype: str, tp: int, gpu: int, max_model_
 def _divisors(n: int) -> list[int]:
     """Tensor-parallel sizes for ``n`` attention heads within one node's GPUs."""
     return [d for d in range(1, MAX_TENSOR_PARALLEL + 1) if n % d == 0]
+
+
+def engine_settings(
+    config: Mapping[str, Any],
+    *,
+    model: str,
+    dtype: str,
+    tensor_parallel_size: int,
+    gpu_memory_bytes: int,
+    max_model_len: int,
+    engines_per_gpu: int,
+    requested_share: float,
+) -> dict[str, Any]:
+    """``vllm.LLM`` memory settings of one engine among ``engines_per_gpu`` sharing each GPU:
+    the memory plan of its slice of the GPU, with vLLM's share never above what the user
+    asked (``requested_share``, already this engine's part of the GPU)."""
+    plan = plan_memory(
+        config,
+        model=model,
+        dtype=dtype,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_bytes=gpu_memory_bytes // engines_per_gpu,
+        max_model_len=max_model_len,
+    )
+    share = plan.gpu_memory_utilization / engines_per_gpu
+    return {
+        "gpu_memory_utilization": min(requested_share, share),
+        "max_num_batched_tokens": plan.max_num_batched_tokens,
+    }

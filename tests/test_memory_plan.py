@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 
 from ezmia.errors import InputError, ModelError
-from ezmia.memory import GIB, LOGIT_BYTES, OVERHEAD_BYTES, Shape, plan_memory
+from ezmia.memory import GIB, LOGIT_BYTES, OVERHEAD_BYTES, Shape, engine_settings, plan_memory
 
 LLAMA_3_8B = {
     "num_hidden_layers": 32,
@@ -148,3 +148,28 @@ def test_incomplete_config_is_refused_naming_the_missing_key():
 def test_engine_args_are_the_two_planned_vllm_settings():
     plan = _plan("8B", GPUS["24GB"], 1)
     assert plan.engine_args() == {"gpu_memory_utilization": 0.79, "max_num_batched_tokens": 2048}
+
+
+def test_two_engines_sharing_a_gpu_each_get_the_plan_of_half_of_it():
+    gpu = 79 * GIB
+    half = plan_memory(LLAMA_3_8B, model="8b", dtype="bfloat16", tensor_parallel_size=1,
+                       gpu_memory_bytes=gpu // 2, max_model_len=8192)  # fmt: skip
+    shared = engine_settings(LLAMA_3_8B, model="8b", dtype="bfloat16", tensor_parallel_size=1,
+                             gpu_memory_bytes=gpu, max_model_len=8192, engines_per_gpu=2,
+                             requested_share=0.4)  # fmt: skip
+    assert shared["max_num_batched_tokens"] == half.max_num_batched_tokens
+    assert shared["gpu_memory_utilization"] == min(0.4, half.gpu_memory_utilization / 2)
+
+
+def test_the_user_share_is_never_raised_by_the_plan():
+    settings = engine_settings(LLAMA_3_8B, model="8b", dtype="bfloat16", tensor_parallel_size=1,
+                               gpu_memory_bytes=139 * GIB, max_model_len=8192,
+                               engines_per_gpu=1, requested_share=0.3)  # fmt: skip
+    assert settings["gpu_memory_utilization"] == 0.3
+
+
+def test_two_copies_of_an_8b_model_do_not_fit_one_24_gb_gpu():
+    with pytest.raises(ModelError, match="8b"):
+        engine_settings(LLAMA_3_8B, model="8b", dtype="bfloat16", tensor_parallel_size=1,
+                        gpu_memory_bytes=22 * GIB, max_model_len=8192, engines_per_gpu=2,
+                        requested_share=0.4)  # fmt: skip

@@ -36,6 +36,7 @@ import numpy as np
 
 from ezmia.backends.base import PassColumns, Role, stats_from_columns
 from ezmia.errors import InputError
+from ezmia.memory import engine_settings
 from ezmia.models import ModelPlan, context_length, merged_adapter_dir
 from ezmia.scores import TokenStats
 from ezmia.text import vocab_sizes
@@ -43,6 +44,7 @@ from ezmia.text import vocab_sizes
 log = logging.getLogger(__name__)
 
 LoraMode = Literal["merge", "lora_request"]
+DEFAULT_MODEL_LEN = 8192  # the memory plan's longest sequence when the config names none
 
 
 def on_cpu() -> bool:
@@ -232,13 +234,31 @@ class VllmBackend:
     def _engine(self, model: Path, memory: float, **extra: Any) -> Any:
         from vllm import LLM
 
-        settings = {**self._settings, **extra}
+        settings = {**self._settings, "gpu_memory_utilization": memory, **extra}
+        if not self.in_process:  # on GPUs: room for the prompt-logprob logits (ezmia.memory)
+            settings.update(self._memory_plan(model, memory))
         with _engine_context(self._overrides, keep_rng=self.in_process):
-            llm = LLM(model=str(model), gpu_memory_utilization=memory, **settings)
+            llm = LLM(model=str(model), **settings)
         self._engines.append(llm)
         if self.in_process:
             _InProcessEngines.engines.append(llm)
         return llm
+
+    def _memory_plan(self, model: Path, memory: float) -> dict[str, Any]:
+        """This engine's share of each GPU and step size from the memory plan."""
+        import torch
+
+        engines = 2 if self.role == "both" and self.lora_mode == "merge" else 1
+        return engine_settings(
+            json.loads((model / "config.json").read_text()),
+            model=str(model),
+            dtype=self.dtype,
+            tensor_parallel_size=self._settings.get("tensor_parallel_size", 1),
+            gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory,
+            max_model_len=self.max_model_len or DEFAULT_MODEL_LEN,
+            engines_per_gpu=engines,
+            requested_share=memory,
+        )
 
     def close(self) -> None:
         """Shut the engines down (in-process ones once no other backend still uses them)."""
