@@ -207,7 +207,7 @@ def test_an_s3_error_late_in_the_run_is_one_line(models, tmp_path, monkeypatch, 
     def fail(*_args, **_kwargs):
         raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k?X-Amz-Signature=abc")
 
-    monkeypatch.setattr("ezmia.audit.render_report", fail)
+    monkeypatch.setattr("ezmia.report.render_report", fail)
     data = _dataset(models, tmp_path / "data.parquet", 8, row_group_size=8)
     out = tmp_path / "out"
     assert main(audit_args(models, out, data=data, max_length=32)) == 2
