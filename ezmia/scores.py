@@ -133,8 +133,9 @@ def ez_score(stats: TokenStats, n_tokens: int) -> EzResult:
         return EzResult(0.0, EZ_TOO_FEW_ERRORS, n_errors)
     if not np.isfinite(delta).all():
         return EzResult(0.0, EZ_NON_FINITE, n_errors)
-    positive = float(delta[delta > 0].sum())
-    negative = float(-delta[delta < 0].sum())
+    with np.errstate(over="ignore"):  # an overflowing sum is caught below as non_finite
+        positive = float(delta[delta > 0].sum())
+        negative = float(-delta[delta < 0].sum())
     if not negative > 0:
         return EzResult(0.0, EZ_NO_NEGATIVE_SHIFT, n_errors)
     score = positive / negative
