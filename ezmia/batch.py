@@ -29,9 +29,10 @@ from typing import Any
 from pydantic import Field
 
 from ezmia import index, storage
-from ezmia.audit import audit, use_ray
+from ezmia.audit import audit
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
 from ezmia.errors import EzmiaError, InputError
+from ezmia.planner import use_ray
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from ezmia import outputs
-from ezmia.audit import AuditPlan, job_server_address
 from ezmia.backends import check_device
 from ezmia.config import AuditConfig
 from ezmia.io import Fragment, normalize, read_fragment
+from ezmia.planner import AuditPlan, job_server_address
 from ezmia.scoring import ModelStage, combined_choice, model_stages, score_rows, tokenize_rows
 from ezmia.text import load_tokenizer
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ezmia import storage
 from ezmia.errors import EzmiaError, InputError, ModelError
+from ezmia.text import load_tokenizer
 
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -511,8 +512,6 @@ def _check_same_vocab(target_dir: Path, reference_dir: Path) -> None:
 
 
 def _check_same_tokenizer(target_dir: Path, reference_dir: Path) -> None:
-    from ezmia.text import load_tokenizer
-
     if load_tokenizer(target_dir).get_vocab() != load_tokenizer(reference_dir).get_vocab():
         raise ModelError(
             f"the tokenizers of target {target_dir} and reference {reference_dir} differ: "
@@ -601,3 +600,36 @@ def merged_adapter_dir(plan: ModelPlan, cache_dir: Path | None = None) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out
+
+
+def vocab_sizes(plan: ModelPlan) -> list[tuple[Path, int]]:
+    """The ``vocab_size`` of each scored model's config.json (an adapter scores on its
+    reference's), where the config says."""
+    dirs = [plan.reference] if plan.target_is_adapter else [plan.target, plan.reference]
+    sizes = []
+    for directory in dirs:
+        file = directory / "config.json"
+        config = json.loads(file.read_text())
+        size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        if isinstance(size, int):
+            sizes.append((file, size))
+    return sizes
+
+
+def check_vocabulary(plan: ModelPlan) -> None:
+    """Refuse a tokenizer that can produce token ids (added tokens included) beyond either
+    model's vocabulary, before any model loads."""
+    vocab = load_tokenizer(plan.tokenizer).get_vocab()
+    if not vocab:
+        return
+    token, top = max(vocab.items(), key=lambda item: item[1])
+    source = plan.tokenizer / "tokenizer.json"
+    source = source if source.exists() else plan.tokenizer
+    for config, size in vocab_sizes(plan):
+        if top >= size:
+            raise ModelError(
+                f"{source}: the tokenizer can produce token ids up to {top} ({token!r}), but "
+                f"{config} has vocab_size {size} (ids 0 to {size - 1}): use the tokenizer the "
+                "model was trained with, or resize the model's embeddings to the tokenizer "
+                "(resize_token_embeddings) and save it again"
+            )

@@ -44,12 +44,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ezmia import errors, outputs, storage
-from ezmia.audit import AuditPlan, job_server_address
 from ezmia.backends import device_count, parse_device
 from ezmia.config import AuditConfig, RayOptions
 from ezmia.errors import EzmiaError, InputError, OutputError
 from ezmia.io import ROW_INDEX, Columns, Fragment, normalize, read_fragment
 from ezmia.models import adapter_base, resolve_tokenizer_dir
+from ezmia.planner import AuditPlan, job_server_address
 from ezmia.scoring import ModelStage, combined_choice, model_stages, score_rows, tokenize_rows
 from ezmia.text import load_tokenizer
 

@@ -69,7 +69,7 @@ def stage_models(config: AuditConfig, role: Role) -> ModelPlan:
     """The models of one stage, resolved on this node: planned and checked from the small
     files, then only the weights this stage loads fetched (a reference stage never downloads
     the target)."""
-    from ezmia.audit import resolve_models
+    from ezmia.planner import resolve_models
 
     plan = resolve_models(config, weights=False)
     cache = Path(config.cache_dir) if config.cache_dir else None
@@ -85,7 +85,7 @@ class ModelStage:
     ``__call__`` adds the stage's per-position columns to each batch of tokenized rows."""
 
     def __init__(self, config: AuditConfig, role: Role, models: ModelPlan | None = None) -> None:
-        from ezmia.audit import open_backend
+        from ezmia.backends import open_backend
 
         self.role = role
         self.backend, self.choice = open_backend(config, models or stage_models(config, role), role)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from ezmia.errors import ModelError
-from ezmia.models import ModelPlan
 
 
 def load_tokenizer(path: Path):
@@ -23,39 +21,6 @@ def load_tokenizer(path: Path):
     if not tokenizer.is_fast:
         raise ModelError(f"{path}: ezmia needs a fast (Rust) tokenizer; found a slow one")
     return tokenizer
-
-
-def vocab_sizes(plan: ModelPlan) -> list[tuple[Path, int]]:
-    """The ``vocab_size`` of each scored model's config.json (an adapter scores on its
-    reference's), where the config says."""
-    dirs = [plan.reference] if plan.target_is_adapter else [plan.target, plan.reference]
-    sizes = []
-    for directory in dirs:
-        file = directory / "config.json"
-        config = json.loads(file.read_text())
-        size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-        if isinstance(size, int):
-            sizes.append((file, size))
-    return sizes
-
-
-def check_vocabulary(plan: ModelPlan) -> None:
-    """Refuse a tokenizer that can produce token ids (added tokens included) beyond either
-    model's vocabulary, before any model loads."""
-    vocab = load_tokenizer(plan.tokenizer).get_vocab()
-    if not vocab:
-        return
-    token, top = max(vocab.items(), key=lambda item: item[1])
-    source = plan.tokenizer / "tokenizer.json"
-    source = source if source.exists() else plan.tokenizer
-    for config, size in vocab_sizes(plan):
-        if top >= size:
-            raise ModelError(
-                f"{source}: the tokenizer can produce token ids up to {top} ({token!r}), but "
-                f"{config} has vocab_size {size} (ids 0 to {size - 1}): use the tokenizer the "
-                "model was trained with, or resize the model's embeddings to the tokenizer "
-                "(resize_token_embeddings) and save it again"
-            )
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import pytest
 from tokenizers import processors
 
 from ezmia.errors import ModelError
-from ezmia.models import ModelPlan
-from ezmia.text import check_vocabulary, load_tokenizer, text_hash, tokenize, vocab_sizes
+from ezmia.models import ModelPlan, check_vocabulary, vocab_sizes
+from ezmia.text import load_tokenizer, text_hash, tokenize
 
 WORDS = " ".join(f"word{i}" for i in range(60))
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from ezmia.backends.base import Role, ScoringBackend
 from ezmia.backends.canary import HALF_PRECISION, CanaryResult, compare_stats, stage_stats
+from ezmia.config import AuditConfig
 from ezmia.errors import InputError, ModelError
 from ezmia.models import ModelPlan, context_length
 from ezmia.scores import TokenStats
@@ -382,3 +383,9 @@ def _on_canary_failure(
         "reason": f"{message}; fell back to PyTorch",
         "canary": result.as_record(),
     }
+
+
+def open_backend(config: AuditConfig, models: ModelPlan, role: str = "both"):
+    """The scoring backend for this audit's ``role`` passes (a model stage's, or both) and the
+    record of which one and why."""
+    return create_backend(models, BackendOptions.from_config(config, role))

@@ -37,9 +37,8 @@ import numpy as np
 from ezmia.backends.base import PassColumns, Role, stats_from_columns
 from ezmia.errors import InputError
 from ezmia.memory import engine_settings
-from ezmia.models import ModelPlan, context_length, merged_adapter_dir
+from ezmia.models import ModelPlan, context_length, merged_adapter_dir, vocab_sizes
 from ezmia.scores import TokenStats
-from ezmia.text import vocab_sizes
 
 log = logging.getLogger(__name__)
 
