@@ -41,7 +41,7 @@ lint: install
 # Mutation testing ([tool.mutmut] in pyproject.toml; README, "Testing"): slow, so not part of
 # `make test`. mutmut runs on a copy of the checkout under MUTATE_DIR and never touches it;
 # fails on any surviving mutant not listed in tests/mutation_equivalent.txt. MUTANTS narrows
-# the run, e.g. MUTANTS='ezmia.metrics*'.
+# the run, e.g. MUTANTS='ezmia.stats.metrics*'.
 MUTATE_DIR ?= .cache/mutate
 MUTANTS ?=
 mutate: install

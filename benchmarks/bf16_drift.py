@@ -33,7 +33,7 @@ def score(models: dict, texts: list[str], device: str, dtype: str) -> tuple[np.n
 
 def drift(models: dict, texts: list[str], labels: np.ndarray, device: str) -> dict:
     """fp32 against bf16 on one target."""
-    from ezmia.metrics import point_metrics
+    from ezmia.stats.metrics import point_metrics
 
     (fp32, status32), (bf16, status16) = (
         score(models, texts, device, dtype) for dtype in ("float32", "bfloat16")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ezmia.data.text import load_tokenizer
 from ezmia.demo.corpus import collect_docstrings
 from ezmia.demo.train import (
     DEMO_SIZES,
@@ -30,7 +31,6 @@ from ezmia.demo.train import (
     train_loop,
     train_tokenizer,
 )
-from ezmia.text import load_tokenizer
 
 LORA_RANK = 16
 TOKENIZER_VOCAB = 50257

@@ -100,7 +100,7 @@ def build(name: str, workdir: Path, device: str, dtype: torch.dtype) -> fixtures
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ezmia.text import load_tokenizer
+    from ezmia.data.text import load_tokenizer
 
     root = workdir / name
     meta = root / "fixture.json"

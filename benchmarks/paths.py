@@ -2,7 +2,7 @@
 
     python -m benchmarks.paths SPEC.json OUT.json
 
-``ezmia``: tokenize (``ezmia.text.tokenize``), both passes and statistics
+``ezmia``: tokenize (``ezmia.data.text.tokenize``), both passes and statistics
 (``TorchBackend.token_stats``), every score (``score_sequence``). ``baseline``: the reference
 code's path (``benchmarks/baseline.py``). ``oracle``: the baseline's code in float64 on the
 first ``oracle_sequences`` texts, the yardstick for both paths' rounding. Model loading and a
@@ -25,9 +25,9 @@ import torch
 from benchmarks import baseline
 from benchmarks.measure import PeakMemory, Timer, mfu_peak
 from ezmia.backends.torch import TorchBackend
-from ezmia.models import plan_models
-from ezmia.scores import score_sequence
-from ezmia.text import load_tokenizer, tokenize
+from ezmia.data.text import load_tokenizer, tokenize
+from ezmia.plan.models import plan_models
+from ezmia.stats.scores import score_sequence
 
 Scorer = Callable[[list[str]], dict]
 

@@ -6,7 +6,7 @@ On a tiny GPT-2 (the run measures the engine, not the model), in one run:
 
 1. **Side by side**: a batch of ``--audits`` small audits (``--rows`` texts each) with
    ``max_in_flight`` 1 (one after another), then with ``--max-in-flight`` (default: the batch's
-   own rule, ``ezmia.batch.default_in_flight``); the wall-clock ratio of the two.
+   own rule, ``ezmia.fleet.batch.default_in_flight``); the wall-clock ratio of the two.
 2. **Fixed and per-sequence cost**: one Ray audit at each of ``--sizes`` texts, and one local
    audit at the sizes up to ``--local-max``; wall seconds = fixed + per-sequence x texts,
    fitted by least squares, per engine (their difference is the Ray machinery's).
@@ -116,7 +116,7 @@ def timed_batch(args: argparse.Namespace, models, data: str, work: Path, flight:
     import yaml
 
     from benchmarks.measure import PeakMemory
-    from ezmia.batch import in_flight, plan_batch, run_batch
+    from ezmia.fleet.batch import in_flight, plan_batch, run_batch
 
     options = audit_options(args, models, data, "ray")
     del options["target"]
@@ -160,7 +160,7 @@ def sized_audit(args: argparse.Namespace, models, data: str, out: Path, engine: 
         started = time.perf_counter()
         result = audit(config)
         seconds = time.perf_counter() - started
-    from ezmia.outputs import read_scores
+    from ezmia.data.outputs import read_scores
 
     return {
         "seconds": seconds,
@@ -262,7 +262,7 @@ def main() -> None:
     fits = {e: fit(list(r), [x["seconds"] for x in r.values()]) for e, r in runs.items()}
     results.update(runs=runs, fits=fits, estimate=estimate(args, fits["ray"], fits["local"]))
     results.update(cpu_count=os.cpu_count(), load_average=list(os.getloadavg()),
-                   pipeline_commit=last_commit("ezmia/pipeline.py"))  # fmt: skip
+                   pipeline_commit=last_commit("ezmia/engines/pipeline.py"))  # fmt: skip
     out = args.out or Path(os.environ.get("OUT") or REPO / "benchmarks")
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale_model.json").write_text(json.dumps(results, indent=2) + "\n")

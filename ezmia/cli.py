@@ -127,11 +127,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"report: {result.out.rstrip('/')}/report.html")
         return 0
     if args.command == "batch":
-        from ezmia.batch import run_batch
+        from ezmia.fleet.batch import run_batch
 
         return run_batch(args.config)
     if args.command == "report":
-        from ezmia.report import rerender
+        from ezmia.report.publish import rerender
 
         print(f"report: {rerender(args.out)}")
         return 0
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         from ezmia.demo.run import run_demo
 
         return run_demo(args.out, args.data_uri)
-    from ezmia.scan import run_scan
+    from ezmia.fleet.scan import run_scan
 
     return run_scan(args.registry, args.out, args.policy, args.engine)
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ezmia: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except Exception as err:
-        from ezmia.storage import describe_s3_error
+        from ezmia.data.storage import describe_s3_error
 
         reason = describe_s3_error(err)  # an S3 failure no module mapped: still one line
         if reason is None:

@@ -12,8 +12,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ezmia.epsilon import DELTA
+from ezmia.data.storage import Encryption
 from ezmia.errors import InputError
+from ezmia.stats.epsilon import DELTA
 
 
 class Strict(BaseModel):
@@ -198,6 +199,11 @@ class AuditConfig(Strict):
     def display_name(self) -> str:
         return self.name or Path(self.target.rstrip("/")).name
 
+    @property
+    def encryption(self) -> Encryption:
+        """The S3 server-side encryption of everything this audit writes."""
+        return Encryption(self.sse, self.sse_kms_key_id)
+
 
 def parse_model(model: type[Strict], data: dict, source: str) -> Strict:
     """Validate a dict into ``model``; errors name the source, every bad key (with its
@@ -241,7 +247,7 @@ def _fields_at(model: type[BaseModel], path: list[str]) -> dict:
 
 def load_yaml(path: str) -> dict:
     """A YAML mapping from a local file or S3 object, with a clear error if unreadable."""
-    from ezmia import storage
+    from ezmia.data import storage
 
     try:
         data = yaml.safe_load(storage.read_bytes(path))

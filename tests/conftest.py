@@ -33,7 +33,7 @@ def s3():
     saved = dict(os.environ)
     with MotoServer() as server:
         os.environ.update(server.env)
-        from ezmia import storage
+        from ezmia.data import storage
 
         storage.s3_client.cache_clear()
         try:

@@ -28,7 +28,7 @@ def results() -> dict[str, str]:
 
 
 def function_of(name: str) -> str:
-    """``ezmia.scores.x_ez_score__mutmut_53`` -> ``ezmia.scores.ez_score`` (methods as
+    """``ezmia.stats.scores.x_ez_score__mutmut_53`` -> ``ezmia.stats.scores.ez_score`` (methods as
     ``Class.method``)."""
     module, _, mangled = re.match(r"(.*?)\.(x_|xǁ)(.*)$", name).groups()
     function = re.sub(r"__mutmut_\d+$", "", mangled).replace("ǁ", ".")

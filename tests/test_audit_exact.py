@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ezmia.cli import main
-from ezmia.text import load_tokenizer
+from ezmia.data.text import load_tokenizer
 from tests.reference_ez import naive_ez
 
 MAX_LENGTH = 72

@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ezmia import storage
 from ezmia.cli import main
-from ezmia.text import load_tokenizer
+from ezmia.data import storage
+from ezmia.data.text import load_tokenizer
 from tests.infra import free_port
 
 MAX_LENGTH = "32"

@@ -17,11 +17,11 @@ from ezmia.backends.torch import (
     head_statistics,
     tiled_head_statistics,
 )
+from ezmia.data.text import load_tokenizer, tokenize
 from ezmia.demo.corpus import collect_docstrings
 from ezmia.demo.train import save_checkpoint, set_adapter_base, train_tokenizer
-from ezmia.models import plan_models
-from ezmia.scores import score_sequence
-from ezmia.text import load_tokenizer, tokenize
+from ezmia.plan.models import plan_models
+from ezmia.stats.scores import score_sequence
 
 MAX_LENGTH = 48
 

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from ezmia.batch import default_in_flight, run_batch
 from ezmia.config import AuditConfig
-from ezmia.outputs import LOCK, SUCCESS
+from ezmia.data.outputs import LOCK, SUCCESS
+from ezmia.fleet.batch import default_in_flight, run_batch
 from tests.infra import LocalRayCluster, process_tree
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ezmia.blind import AUC_LIMIT, blind_baseline, text_features
 from ezmia.demo.corpus import _SKIP_DIRS, _file_docstrings, collect_docstrings
+from ezmia.stats.blind import AUC_LIMIT, blind_baseline, text_features
 
 N = 250  # rows per class
 

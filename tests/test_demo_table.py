@@ -13,14 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ezmia.blind import blind_baseline, text_features
 from ezmia.demo.build import DEMO_COUNTS, build_key
 from ezmia.demo.corpus import _SKIP_DIRS, _file_chunks, collect_code_chunks, split_corpus
 from ezmia.demo.run import headline, table
 from ezmia.demo.train import DEMO_SIZES
-from ezmia.metrics import min_nonmembers
-from ezmia.scores import EZ_OK, SCORE_COLUMNS
-from ezmia.summary import build_summary
+from ezmia.report.summary import build_summary
+from ezmia.stats.blind import blind_baseline, text_features
+from ezmia.stats.metrics import min_nonmembers
+from ezmia.stats.scores import EZ_OK, SCORE_COLUMNS
 
 N = 250  # rows per class of the blind-baseline checks
 

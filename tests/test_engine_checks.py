@@ -21,11 +21,11 @@ import torch
 
 from ezmia.backends.torch import TorchBackend
 from ezmia.cli import main
+from ezmia.data.datasets import ROW_INDEX
+from ezmia.data.text import load_tokenizer
+from ezmia.engines.scoring import run_pass, score_rows, tokenize_rows
 from ezmia.errors import ModelError
-from ezmia.io import ROW_INDEX
-from ezmia.models import plan_models
-from ezmia.scoring import run_pass, score_rows, tokenize_rows
-from ezmia.text import load_tokenizer
+from ezmia.plan.models import plan_models
 from tests.conftest import audit_args
 from tests.infra import free_port
 
@@ -240,8 +240,8 @@ def test_actor_requests_are_checked_against_whole_alive_nodes():
     """A GPU cluster's shapes (the loopback cluster in test_ray_job.py has no GPUs): an actor
     must fit on one alive node, CPUs and GPUs together."""
     from ezmia.config import RayOptions
+    from ezmia.engines.pipeline import check_resources
     from ezmia.errors import InputError
-    from ezmia.pipeline import check_resources
 
     cluster = [_node(8, 1), _node(8, 1), _node(32), _node(64, 8, alive=False)]
     shapes = "alive nodes now: 2 x (8 CPU, 1 GPU), 1 x (32 CPU, 0 GPU)"
@@ -268,8 +268,8 @@ def test_gpu_requests_fit_autoscaling_node_types_scaled_to_zero():
     """A GPU worker group scaled to zero still hosts GPU actors once the autoscaler starts a
     node; only when no node type can host one is it refused (naming the types)."""
     from ezmia.config import RayOptions
+    from ezmia.engines.pipeline import check_resources
     from ezmia.errors import InputError
-    from ezmia.pipeline import check_resources
 
     head = [_node(0)]  # a head that takes no work; the GPU group has no node yet
     check_resources(RayOptions(), head, [(8.0, 1.0), (16.0, 4.0)], gpus=4)
@@ -286,7 +286,7 @@ def test_model_stages_ask_for_their_tensor_parallel_size_in_gpus_on_gpu_clusters
     a cluster with GPUs, none on a CPU cluster; a LoRA target's one stage follows the target;
     an explicit ``--ray-gpus-per-actor`` applies to every stage."""
     from ezmia.config import AuditConfig
-    from ezmia.pipeline import stage_gpus
+    from ezmia.engines.pipeline import stage_gpus
 
     def config(target: Path, **ray) -> AuditConfig:
         return AuditConfig(
@@ -308,10 +308,10 @@ def test_model_stages_ask_for_their_tensor_parallel_size_in_gpus_on_gpu_clusters
 def test_commit_accepts_every_row_once_and_refuses_missing_or_repeated_rows(tmp_path):
     """The commit step reads the written parts back (score columns only, never texts) and
     checks them against the planned slices and rows before ``_SUCCESS``."""
-    from ezmia import outputs, storage
+    from ezmia.data import outputs, storage
+    from ezmia.data.datasets import Fragment
+    from ezmia.engines.pipeline import commit, plan_slices
     from ezmia.errors import OutputError
-    from ezmia.io import Fragment
-    from ezmia.pipeline import commit, plan_slices
 
     fragments = [Fragment("a", 0, 0, 5), Fragment("b", 0, 5, 3)]
     slices = plan_slices(fragments, rows_per_block=2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from ezmia.epsilon import audit_epsilon, epsilon_from_rates, epsilon_lower_bound
+from ezmia.stats.epsilon import audit_epsilon, epsilon_from_rates, epsilon_lower_bound
 
 
 def test_a_perfect_attack_refutes_the_closed_form_epsilon():

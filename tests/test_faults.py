@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ezmia import outputs, storage
 from ezmia.cli import main
+from ezmia.data import outputs, storage
 from tests.conftest import audit_args
 from tests.infra import LOCALHOST, free_port
 
@@ -171,10 +171,10 @@ def test_s3_going_down_mid_write_fails_cleanly_and_a_rerun_completes(
 def test_an_unexpected_error_inside_scoring_leaves_no_report(models, tmp_path, monkeypatch):
     """A bug while scoring the second fragment (after the first part was written) must not
     leave ``_SUCCESS``, a summary, a report or orphaned score parts."""
-    import ezmia.scoring
+    import ezmia.engines.scoring
 
     data = _dataset(models, tmp_path / "data.parquet", 8, row_group_size=4)
-    real = ezmia.scoring.score_sequence
+    real = ezmia.engines.scoring.score_sequence
     calls = []
 
     def failing(*args, **kwargs):
@@ -183,7 +183,7 @@ def test_an_unexpected_error_inside_scoring_leaves_no_report(models, tmp_path, m
             raise RuntimeError("boom: a bug inside scoring")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ezmia.scoring, "score_sequence", failing)
+    monkeypatch.setattr(ezmia.engines.scoring, "score_sequence", failing)
     written = []
     real_write = outputs.write_scores
 
@@ -207,7 +207,7 @@ def test_an_s3_error_late_in_the_run_is_one_line(models, tmp_path, monkeypatch, 
     def fail(*_args, **_kwargs):
         raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k?X-Amz-Signature=abc")
 
-    monkeypatch.setattr("ezmia.report.render_report", fail)
+    monkeypatch.setattr("ezmia.report.publish.render_report", fail)
     data = _dataset(models, tmp_path / "data.parquet", 8, row_group_size=8)
     out = tmp_path / "out"
     assert main(audit_args(models, out, data=data, max_length=32)) == 2

@@ -13,9 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from ezmia.cli import main
+from ezmia.data.datasets import (
+    Columns,
+    dataset_files,
+    normalize,
+    plan_fragments,
+    read_fragment,
+    read_keys,
+)
+from ezmia.engines.pipeline import _read
 from ezmia.errors import InputError
-from ezmia.io import Columns, dataset_files, normalize, plan_fragments, read_fragment, read_keys
-from ezmia.pipeline import _read
 
 LABELLED = Columns("text", "id", "is_member")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import pytest
 
 from ezmia.errors import InputError, ModelError
-from ezmia.memory import GIB, LOGIT_BYTES, OVERHEAD_BYTES, Shape, engine_settings, plan_memory
+from ezmia.plan.memory import GIB, LOGIT_BYTES, OVERHEAD_BYTES, Shape, engine_settings, plan_memory
 
 LLAMA_3_8B = {
     "num_hidden_layers": 32,

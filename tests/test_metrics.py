@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ezmia.metrics import (
+from ezmia.stats.metrics import (
     FPR_POINTS,
     bootstrap_intervals,
     bounded_value,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from ezmia.metrics import exact_interval, min_nonmembers, operating_point
+from ezmia.stats.metrics import exact_interval, min_nonmembers, operating_point
 
 
 @pytest.mark.parametrize(("fpr", "needed"), [(0.01, 100), (0.001, 1000), (0.05, 20), (0.3, 4)])

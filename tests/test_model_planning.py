@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from ezmia.errors import ModelError
-from ezmia.models import check_adapter_fits, plan_models, resolve_tokenizer_dir
+from ezmia.plan.models import check_adapter_fits, plan_models, resolve_tokenizer_dir
 from tests.conftest import upload_dir
 
 
@@ -44,7 +44,7 @@ def test_a_plan_without_weights_checks_what_a_full_download_checks(models, s3, b
 
 
 def test_concurrent_resolutions_on_one_machine_share_one_download(models, s3, bucket, tmp_path):
-    from ezmia.models import resolve_model_dir
+    from ezmia.plan.models import resolve_model_dir
 
     uri = upload_dir(s3.client(), models.base, bucket, "base")
     found: list = []

@@ -7,7 +7,7 @@ import hashlib
 import os
 import shutil
 
-from ezmia.models import fingerprint, resolve_model_dir
+from ezmia.plan.models import fingerprint, resolve_model_dir
 from tests.conftest import upload_dir
 
 

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ezmia import outputs, storage
 from ezmia.cli import main
-from ezmia.locks import LockHeld, Locks
+from ezmia.data import outputs, storage
+from ezmia.data.locks import LockHeld, Locks
 from tests.conftest import REPO, audit_args, upload_dir
 
 
@@ -234,7 +234,7 @@ def test_an_audit_that_fails_midway_removes_what_it_wrote(models, tmp_path, monk
     out = tmp_path / "audit"
     if existed:
         out.mkdir()
-    from ezmia import local
+    from ezmia.engines import local
 
     def crash(*_args, **_kwargs):
         raise RuntimeError("scoring crashed")

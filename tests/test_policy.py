@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from ezmia.errors import InputError
-from ezmia.policy import METRICS, OPERATOR_ONLY, Policy, Thresholds, judge, read_options
-from ezmia.summary import VERDICT_RULES, verdict
+from ezmia.fleet.policy import METRICS, OPERATOR_ONLY, Policy, Thresholds, judge, read_options
+from ezmia.report.summary import VERDICT_RULES, verdict
 
 NOTHING_FLAGGED = {"tpr": 0.0, "tpr_exact_ci95": [0.0, 0.004]}
 QUIET = {  # 1000 non-members resolve both reported rates

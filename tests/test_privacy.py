@@ -9,8 +9,8 @@ import io
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ezmia import storage
 from ezmia.cli import main
+from ezmia.data import storage
 from tests.conftest import audit_args, upload_dir
 
 SMALL = {"max_length": 32, "bootstrap_rounds": 5}

@@ -259,8 +259,8 @@ def test_requests_the_cluster_cannot_host_are_refused_before_data_and_actor_erro
     from ray.exceptions import RayError
 
     from ezmia.cli import main
+    from ezmia.engines.pipeline import cluster_error
     from ezmia.errors import EzmiaError, InputError
-    from ezmia.pipeline import cluster_error
     from tests.conftest import audit_args
 
     out = tmp_path / "out"

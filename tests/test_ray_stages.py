@@ -15,7 +15,7 @@ import pytest
 
 from ezmia import audit as audit_module
 from ezmia.config import AuditConfig
-from ezmia.scores import SCORES
+from ezmia.stats.scores import SCORES
 from tests.conftest import upload_dir
 from tests.infra import LOCALHOST, LocalRayCluster
 

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ezmia.report_html import TOP_N, render_report
+from ezmia.report.html import TOP_N, render_report
 
 XSS = "<script>alert(1)</script>"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from ezmia import storage
 from ezmia.cli import main
+from ezmia.data import storage
 from ezmia.errors import ModelError
-from ezmia.models import COMPLETE, resolve_model_dir
+from ezmia.plan.models import COMPLETE, resolve_model_dir
 from tests.conftest import upload_dir
 
 

@@ -18,14 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from ezmia import storage
+from ezmia.data import storage
+from ezmia.data.locks import LockHeld, Locks
+from ezmia.data.schema import LEDGER_SCHEMA
 from ezmia.errors import OutputError
-from ezmia.index import report_location
-from ezmia.locks import LockHeld, Locks
-from ezmia.policy import load_policy
-from ezmia.registry import discover
-from ezmia.scan import lock_key, run_scan
-from ezmia.schema import LEDGER_SCHEMA
+from ezmia.fleet.index import report_location
+from ezmia.fleet.policy import load_policy
+from ezmia.fleet.registry import discover
+from ezmia.fleet.scan import lock_key, run_scan
 from tests.conftest import REPO, upload_dir
 
 LENIENT = {"thresholds": {"max_tpr_at_0_1pct_fpr": 1.0, "max_tpr_at_1pct_fpr": 1.0, "max_auc": 1.0}}

@@ -7,11 +7,11 @@ import numpy as np
 import pyarrow as pa
 
 from ezmia.audit import AuditResult
-from ezmia.index import index_row
-from ezmia.metrics import METRICS
-from ezmia.schema import SCHEMA_VERSION, index_schema, metric_columns, scores_schema
-from ezmia.scores import SCORES
-from ezmia.summary import build_summary
+from ezmia.data.schema import SCHEMA_VERSION, index_schema, metric_columns, scores_schema
+from ezmia.fleet.index import index_row
+from ezmia.report.summary import build_summary
+from ezmia.stats.metrics import METRICS
+from ezmia.stats.scores import SCORES
 
 
 def leakage_summary(n: int = 300, seed: int = 0) -> dict:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ezmia.scores import (
+from ezmia.stats.scores import (
     EZ_NO_NEGATIVE_SHIFT,
     EZ_NON_FINITE,
     EZ_OK,

@@ -12,10 +12,10 @@ import pytest
 
 from ezmia.audit import AuditResult
 from ezmia.cli import main
-from ezmia.index import index_row, write_index
-from ezmia.report_html import render_report
-from ezmia.schema import index_schema, scores_schema
-from ezmia.scores import SCORES, TokenStats, register, score_sequence
+from ezmia.data.schema import index_schema, scores_schema
+from ezmia.fleet.index import index_row, write_index
+from ezmia.report.html import render_report
+from ezmia.stats.scores import SCORES, TokenStats, register, score_sequence
 from tests.conftest import audit_args
 from tests.test_schema import leakage_summary
 

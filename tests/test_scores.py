@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 
-from ezmia.scores import (
+from ezmia.stats.scores import (
     EZ_EMPTY,
     EZ_NO_NEGATIVE_SHIFT,
     EZ_NON_FINITE,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from ezmia.data.datasets import ROW_INDEX
+from ezmia.data.text import load_tokenizer
+from ezmia.engines.scoring import check_token_range, tokenize_rows
 from ezmia.errors import ModelError
-from ezmia.io import ROW_INDEX
-from ezmia.scoring import check_token_range, tokenize_rows
-from ezmia.text import load_tokenizer
 
 
 def rows(*sequences: list[int]) -> pa.Table:

@@ -16,8 +16,7 @@ import pytest
 
 from ezmia.cli import main
 from ezmia.demo.corpus import _SKIP_DIRS, _file_docstrings
-from ezmia.scores import EZ_OK, EZ_STATUSES, EZ_TOO_FEW_ERRORS, SCORE_COLUMNS
-from ezmia.summary import (
+from ezmia.report.summary import (
     MIN_SCORED_MEMBERS,
     MIN_SCORED_NONMEMBERS,
     VERDICT_RULES,
@@ -25,6 +24,7 @@ from ezmia.summary import (
     detection_verdict,
     verdict,
 )
+from ezmia.stats.scores import EZ_OK, EZ_STATUSES, EZ_TOO_FEW_ERRORS, SCORE_COLUMNS
 from tests.conftest import audit_args
 
 LIMITS = {(level, key): limit for level, key, limit in VERDICT_RULES}

@@ -10,9 +10,9 @@ import zlib
 import pytest
 from tokenizers import processors
 
+from ezmia.data.text import load_tokenizer, text_hash, tokenize
 from ezmia.errors import ModelError
-from ezmia.models import ModelPlan, check_vocabulary, vocab_sizes
-from ezmia.text import load_tokenizer, text_hash, tokenize
+from ezmia.plan.models import ModelPlan, check_vocabulary, vocab_sizes
 
 WORDS = " ".join(f"word{i}" for i in range(60))
 

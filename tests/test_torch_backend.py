@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ezmia.backends.torch import TorchBackend
-from ezmia.models import merged_adapter_dir, plan_models
-from ezmia.scores import score_sequence
-from ezmia.text import load_tokenizer, tokenize
+from ezmia.data.text import load_tokenizer, tokenize
+from ezmia.plan.models import merged_adapter_dir, plan_models
+from ezmia.stats.scores import score_sequence
 from tests.reference_ez import naive_ez
 
 

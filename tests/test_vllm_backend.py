@@ -25,10 +25,10 @@ from ezmia.backends import BackendOptions, create_backend  # noqa: E402
 from ezmia.backends.canary import compare_stats, cross_check  # noqa: E402
 from ezmia.backends.torch import TorchBackend  # noqa: E402
 from ezmia.backends.vllm import VllmBackend, _InProcessEngines  # noqa: E402
+from ezmia.data.text import load_tokenizer, tokenize  # noqa: E402
 from ezmia.errors import EzmiaError, InputError  # noqa: E402
-from ezmia.models import plan_models  # noqa: E402
-from ezmia.scores import SCORE_COLUMNS, TokenStats, score_sequence  # noqa: E402
-from ezmia.text import load_tokenizer, tokenize  # noqa: E402
+from ezmia.plan.models import plan_models  # noqa: E402
+from ezmia.stats.scores import SCORE_COLUMNS, TokenStats, score_sequence  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 

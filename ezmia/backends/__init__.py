@@ -11,6 +11,9 @@ vLLM and compares them (``ezmia.backends.canary``). PyTorch runs first and is re
 before the engines start, so both never hold accelerator memory at once. A failed canary
 either stops the audit or falls back to PyTorch (``on_canary_failure``).
 ``lora_mode="lora_request"`` always runs the canary.
+
+May import: ``ezmia.errors``, ``ezmia.stats``, ``ezmia.data``, ``ezmia.config``,
+``ezmia.plan``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from ezmia.backends.base import Role, ScoringBackend
 from ezmia.backends.canary import HALF_PRECISION, CanaryResult, compare_stats, stage_stats
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError, ModelError
-from ezmia.models import ModelPlan, context_length
-from ezmia.scores import TokenStats
+from ezmia.plan.models import ModelPlan, context_length
+from ezmia.stats.scores import TokenStats
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +340,7 @@ def canary_sequences(
     if count <= 0:
         return []
     if canary is None:
-        from ezmia.text import load_tokenizer, tokenize
+        from ezmia.data.text import load_tokenizer, tokenize
 
         limit = min(options.max_length or 128, context_length(plan) or 128)
         canary = tokenize(load_tokenizer(plan.tokenizer), list(CANARY_TEXTS), limit).input_ids

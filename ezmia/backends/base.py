@@ -8,7 +8,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from ezmia.scores import TokenStats
+from ezmia.stats.scores import TokenStats
 
 Role = Literal["both", "target", "reference"]
 """Which passes a backend runs: a model stage runs the target's or the reference's; ``both``

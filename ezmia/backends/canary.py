@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ezmia.backends.base import PassColumns, ScoringBackend
-from ezmia.scores import TokenStats
+from ezmia.stats.scores import TokenStats
 
 HALF_PRECISION = ("bfloat16", "float16", "half", "bf16", "fp16")
 

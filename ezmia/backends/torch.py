@@ -26,8 +26,8 @@ import torch
 
 from ezmia.backends import check_device
 from ezmia.backends.base import PassColumns, Role, role_columns, stats_from_columns
-from ezmia.models import ModelPlan, attach_adapter, load_causal_lm
-from ezmia.scores import TokenStats
+from ezmia.plan.models import ModelPlan, attach_adapter, load_causal_lm
+from ezmia.stats.scores import TokenStats
 
 # Configs whose logits are transformed after the head: score them from full logits.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")

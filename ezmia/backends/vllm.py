@@ -36,9 +36,9 @@ import numpy as np
 
 from ezmia.backends.base import PassColumns, Role, stats_from_columns
 from ezmia.errors import InputError
-from ezmia.memory import engine_settings
-from ezmia.models import ModelPlan, context_length, merged_adapter_dir, vocab_sizes
-from ezmia.scores import TokenStats
+from ezmia.plan.memory import engine_settings
+from ezmia.plan.models import ModelPlan, context_length, merged_adapter_dir, vocab_sizes
+from ezmia.stats.scores import TokenStats
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class VllmBackend:
         from vllm import LLM
 
         settings = {**self._settings, "gpu_memory_utilization": memory, **extra}
-        if not self.in_process:  # on GPUs: room for the prompt-logprob logits (ezmia.memory)
+        if not self.in_process:  # on GPUs: room for the prompt-logprob logits (ezmia.plan.memory)
             settings.update(self._memory_plan(model, memory))
         with _engine_context(self._overrides, keep_rng=self.in_process):
             llm = LLM(model=str(model), **settings)

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import yaml
 
-from ezmia import storage
+from ezmia.data import storage
 from ezmia.demo.build import DEMO_CORPUS, DEMO_COUNTS, DemoArtifacts, build_demo_artifacts
 from ezmia.demo.train import DEMO_SIZES
-from ezmia.index import report_location, today
-from ezmia.models import default_cache_dir
-from ezmia.scores import SCORES
+from ezmia.fleet.index import report_location, today
+from ezmia.plan.models import default_cache_dir
+from ezmia.stats.scores import SCORES
 
 REPO = Path(__file__).resolve().parents[2]
 JOB_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
@@ -163,7 +163,7 @@ def table(summaries: dict[str, dict]) -> str:
 def headline(summaries: dict[str, dict]) -> str:
     """EZ's TPR on each fine-tune at the lowest FPR the non-members resolve, with its exact
     interval; then each audit's verdict."""
-    from ezmia.metrics import FPR_POINTS
+    from ezmia.stats.metrics import FPR_POINTS
 
     lines = []
     ez = {name: s["metrics"].get("ez_score") for name, s in summaries.items()}
@@ -203,7 +203,7 @@ def run_demo(out: str, data_uri: str | None) -> int:
     if use_job:
         submit(config_uri)
     else:
-        from ezmia.batch import run_batch
+        from ezmia.fleet.batch import run_batch
 
         if run_batch(config_uri):
             return 1

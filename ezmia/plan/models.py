@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ezmia import storage
+from ezmia.data import storage
+from ezmia.data.text import load_tokenizer
 from ezmia.errors import EzmiaError, InputError, ModelError
-from ezmia.text import load_tokenizer
 
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")

@@ -15,12 +15,12 @@ import re
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ezmia import storage
 from ezmia.audit import AuditResult
 from ezmia.config import AuditConfig
-from ezmia.metrics import METRICS
-from ezmia.schema import SCHEMA_VERSION, index_schema
-from ezmia.scores import SCORES
+from ezmia.data import storage
+from ezmia.data.schema import SCHEMA_VERSION, index_schema
+from ezmia.stats.metrics import METRICS
+from ezmia.stats.scores import SCORES
 
 
 def today() -> str:

@@ -17,11 +17,11 @@ from typing import get_origin
 
 from pydantic import Field, create_model, field_validator
 
-from ezmia import storage
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
+from ezmia.data import storage
 from ezmia.errors import InputError
-from ezmia.metrics import METRICS, bounded_value
-from ezmia.summary import VERDICT_RULES, exceeds
+from ezmia.report.summary import VERDICT_RULES, exceeds
+from ezmia.stats.metrics import METRICS, bounded_value
 
 SET_BY_SCAN = ("target", "out", "name", "overwrite")
 # Safety and privacy switches, encryption and where the audit runs or writes: only the

@@ -23,9 +23,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ezmia import storage
+from ezmia.data import storage
+from ezmia.data.locks import LockHeld, Locks
 from ezmia.errors import InputError, OutputError
-from ezmia.locks import LockHeld, Locks
 
 SUCCESS = "_SUCCESS"
 SCORES_DIR = "scores"

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from ezmia import storage
 from ezmia.config import AuditConfig
-from ezmia.errors import InputError
-from ezmia.io import (
+from ezmia.data import storage
+from ezmia.data.datasets import (
     FILE_ROW,
     FRAGMENT,
     TEXT_DIGEST,
@@ -24,8 +23,15 @@ from ezmia.io import (
     plan_fragments,
     read_keys,
 )
-from ezmia.metrics import min_nonmembers
-from ezmia.models import ModelPlan, check_vocabulary, context_length, default_cache_dir, plan_models
+from ezmia.errors import InputError
+from ezmia.plan.models import (
+    ModelPlan,
+    check_vocabulary,
+    context_length,
+    default_cache_dir,
+    plan_models,
+)
+from ezmia.stats.metrics import min_nonmembers
 
 
 @dataclass
@@ -79,7 +85,7 @@ def plan_audit(config: AuditConfig) -> AuditPlan:
         columns,
         fragments,
         calibration,
-        storage.Encryption(config.sse, config.sse_kms_key_id),
+        config.encryption,
     )
     check_rows(plan)
     plan.timings["plan_s"] = time.perf_counter() - started

@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ezmia.epsilon import DELTA, audit_epsilon
-from ezmia.metrics import FPR_POINTS, labelled_metrics, min_nonmembers
-from ezmia.scores import EZ_OK, EZ_STATUSES, SCORES
+from ezmia.stats.epsilon import DELTA, audit_epsilon
+from ezmia.stats.metrics import FPR_POINTS, labelled_metrics, min_nonmembers
+from ezmia.stats.scores import EZ_OK, EZ_STATUSES, SCORES
 
 VERDICT_RULES = (  # (level, EZ metric, limit): the first rule whose limit is exceeded wins
     ("high", "tpr_at_0_1pct_fpr", 0.05),

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from ezmia.metrics import exact_interval
+from ezmia.stats.metrics import exact_interval
 
 DELTA = 1e-5
 CONFIDENCE = 0.95

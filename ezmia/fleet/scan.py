@@ -24,15 +24,15 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from ezmia import outputs, storage
 from ezmia.config import AuditConfig, parse_model
+from ezmia.data import outputs, storage
+from ezmia.data.locks import LockHeld, Locks
+from ezmia.data.schema import LEDGER_SCHEMA, LEDGER_STATUSES, SCHEMA_VERSION
 from ezmia.errors import EzmiaError, InputError
-from ezmia.index import dataset_label, index_row, report_location, today, write_index
-from ezmia.ledger import Ledger
-from ezmia.locks import LockHeld, Locks
-from ezmia.policy import Policy, Thresholds, judge, load_policy, read_options
-from ezmia.registry import SIDECAR, Checkpoint, discover
-from ezmia.schema import LEDGER_SCHEMA, LEDGER_STATUSES, SCHEMA_VERSION
+from ezmia.fleet.index import dataset_label, index_row, report_location, today, write_index
+from ezmia.fleet.ledger import Ledger
+from ezmia.fleet.policy import Policy, Thresholds, judge, load_policy, read_options
+from ezmia.fleet.registry import SIDECAR, Checkpoint, discover
 
 log = logging.getLogger(__name__)
 

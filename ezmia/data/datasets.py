@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ezmia import storage
+from ezmia.data import storage
 from ezmia.errors import InputError
 
 ROW_INDEX = "__row_index"

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ezmia import storage
+from ezmia.data import storage
 
 log = logging.getLogger(__name__)
 HOST = socket.gethostname()

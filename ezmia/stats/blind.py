@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import sparse
 
-from ezmia.metrics import bootstrap_intervals, point_metrics
+from ezmia.stats.metrics import bootstrap_intervals, point_metrics
 
 AUC_LIMIT = 0.6  # a blind AUC above this, with its interval above 0.5, flags the split
 FOLDS = 5

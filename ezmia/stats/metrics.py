@@ -19,9 +19,8 @@ def metric_label(name: str) -> str:
 
 
 def roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """FPRs and TPRs of the ROC curve. sklearn is imported here, not with the module: Ray's
-    scoring workers import this module (through ``ezmia.audit``) and never draw a curve, and
-    sklearn adds ~1.6 s to every worker's start."""
+    """FPRs and TPRs of the ROC curve. sklearn is imported here, not with the module, so a
+    process that never draws a curve (a Ray scoring actor) never pays its ~1.6 s import."""
     from sklearn.metrics import roc_curve
 
     fprs, tprs, _ = roc_curve(labels, scores)

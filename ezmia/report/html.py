@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ezmia.metrics import FPR_POINTS, METRICS, metric_label, point_metrics, roc
-from ezmia.scores import (
+from ezmia.stats.metrics import FPR_POINTS, METRICS, metric_label, point_metrics, roc
+from ezmia.stats.scores import (
     EZ_EMPTY,
     EZ_NO_NEGATIVE_SHIFT,
     EZ_NON_FINITE,
@@ -80,7 +80,7 @@ ESSENTIAL_KEY = re.compile(
 )
 
 TEMPLATES = jinja2.Environment(
-    loader=jinja2.PackageLoader("ezmia", "templates"),
+    loader=jinja2.PackageLoader("ezmia.report", "templates"),
     autoescape=True,
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,

@@ -1,5 +1,5 @@
 """The local engine: scores an audit's fragments in this process (laptops, tests, one GPU),
-running the same stages as the Ray engine (``ezmia.scoring``) one after another."""
+running the same stages as the Ray engine (``ezmia.engines.scoring``) one after another."""
 
 from __future__ import annotations
 
@@ -9,13 +9,19 @@ import os
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from ezmia import outputs
 from ezmia.backends import check_device
 from ezmia.config import AuditConfig
-from ezmia.io import Fragment, normalize, read_fragment
-from ezmia.planner import AuditPlan, job_server_address
-from ezmia.scoring import ModelStage, combined_choice, model_stages, score_rows, tokenize_rows
-from ezmia.text import load_tokenizer
+from ezmia.data import outputs
+from ezmia.data.datasets import Fragment, normalize, read_fragment
+from ezmia.data.text import load_tokenizer
+from ezmia.engines.scoring import (
+    ModelStage,
+    combined_choice,
+    model_stages,
+    score_rows,
+    tokenize_rows,
+)
+from ezmia.plan.planner import AuditPlan, job_server_address
 
 ROWS_PER_CHUNK = 512
 

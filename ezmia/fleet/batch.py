@@ -28,11 +28,12 @@ from typing import Any
 
 from pydantic import Field
 
-from ezmia import index, storage
 from ezmia.audit import audit
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
+from ezmia.data import storage
 from ezmia.errors import EzmiaError, InputError
-from ezmia.planner import use_ray
+from ezmia.fleet import index
+from ezmia.plan.planner import use_ray
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def plan_batch(path: str) -> tuple[BatchConfig, list[AuditConfig]]:
 def footprint(config: AuditConfig, cluster_has_gpus: bool) -> tuple[float, float]:
     """CPUs and GPUs an audit's actors hold with every model stage's pool at ``max_actors``
     (a full target: target and reference stages; a LoRA target: one shared base stage)."""
-    from ezmia.pipeline import stage_gpus
+    from ezmia.engines.pipeline import stage_gpus
 
     gpus = stage_gpus(config, cluster_has_gpus)
     actors = config.ray.max_actors
@@ -133,7 +134,7 @@ def join_cluster(configs: list[AuditConfig]) -> dict[str, float] | None:
         return None
     import ray
 
-    from ezmia.pipeline import connect
+    from ezmia.engines.pipeline import connect
 
     with contextlib.suppress(EzmiaError):  # the first Ray audit reports it as its own failure
         connect(on_ray[0])
@@ -167,7 +168,7 @@ def run_one(config: AuditConfig, root: str, date: str) -> Outcome:
     level = result.summary["verdict"]["level"]
     try:
         row = index.index_row(result, index.dataset_label(config))
-        encryption = storage.Encryption(config.sse, config.sse_kms_key_id)
+        encryption = config.encryption
         index.write_index(root, [row], encryption, date)
     except Exception as err:
         return Outcome(name, level, report, f"{report} is finished but its index row was not "

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ezmia.metrics import METRICS
-from ezmia.scores import SCORES
+from ezmia.stats.metrics import METRICS
+from ezmia.stats.scores import SCORES
 
 SCHEMA_VERSION = (
     2  # 2: index gains verdict_score, blind_auc*, epsilon_lower_bound; TPRs null when unresolved
@@ -117,7 +117,5 @@ LEDGER_SCHEMA = pa.schema(
 nightly scan. ``status`` is one of ``LEDGER_STATUSES``; ``kind`` is ``full`` or ``lora``;
 ``verdict`` (``pass``/``fail``) is the policy's, ``leakage`` the audit's level."""
 
-ALERTS_SCHEMA = LEDGER_SCHEMA
-"""``OUT/alerts/date=YYYY-MM-DD/alerts-<scan_id>.json``: JSON Lines, one object per failing
-checkpoint of one scan (policy breach or audit error), with the ledger's columns;
-``scanned_at`` is an ISO 8601 string there."""
+# ``OUT/alerts/date=YYYY-MM-DD/alerts-<scan_id>.json``: JSON Lines, one object per failing
+# checkpoint of one scan, with LEDGER_SCHEMA's columns (``scanned_at`` as ISO 8601 text).

@@ -43,15 +43,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ezmia import errors, outputs, storage
+from ezmia import errors
 from ezmia.backends import device_count, parse_device
 from ezmia.config import AuditConfig, RayOptions
+from ezmia.data import outputs, storage
+from ezmia.data.datasets import ROW_INDEX, Columns, Fragment, normalize, read_fragment
+from ezmia.data.text import load_tokenizer
+from ezmia.engines.scoring import (
+    ModelStage,
+    combined_choice,
+    model_stages,
+    score_rows,
+    tokenize_rows,
+)
 from ezmia.errors import EzmiaError, InputError, OutputError
-from ezmia.io import ROW_INDEX, Columns, Fragment, normalize, read_fragment
-from ezmia.models import adapter_base, resolve_tokenizer_dir
-from ezmia.planner import AuditPlan, job_server_address
-from ezmia.scoring import ModelStage, combined_choice, model_stages, score_rows, tokenize_rows
-from ezmia.text import load_tokenizer
+from ezmia.plan.models import adapter_base, resolve_tokenizer_dir
+from ezmia.plan.planner import AuditPlan, job_server_address
 
 SLICE = "__slice"
 """The first source row of a row's slice: the part it is written to."""

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from ezmia import storage
-from ezmia.models import PICKLE_WEIGHTS, SAFE_WEIGHTS
+from ezmia.data import storage
+from ezmia.plan.models import PICKLE_WEIGHTS, SAFE_WEIGHTS
 
 SIDECAR = "ezmia.yaml"
 CONFIGS = ("config.json", "adapter_config.json")

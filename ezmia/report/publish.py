@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ezmia import outputs, storage
 from ezmia.config import AuditConfig, parse_model
+from ezmia.data import outputs, storage
 from ezmia.errors import EzmiaError, OutputError
-from ezmia.report_html import render_report
-from ezmia.scores import SCORE_COLUMNS
-from ezmia.summary import build_summary
+from ezmia.report.html import render_report
+from ezmia.report.summary import build_summary
+from ezmia.stats.scores import SCORE_COLUMNS
 
 DETECTION = {"fpr", "threshold"}
 RERUN = "rerun the audit (ezmia audit ... --overwrite) to write it again"
@@ -69,7 +69,7 @@ def rerender(out: str) -> str:
         )
     blind = summary.get("blind_baseline")  # from the texts, which scores never hold
     summary.update(summarize(config, scores, detection, blind))
-    encryption = storage.Encryption(config.sse, config.sse_kms_key_id)
+    encryption = config.encryption
     with outputs.locked(out, "ezmia report", encryption):
         publish(
             lambda name, data: storage.write_bytes(storage.join(out, name), data, encryption),

@@ -25,12 +25,12 @@ import pyarrow.compute as pc
 
 from ezmia.backends.base import Role, ScoringBackend, stats_from_columns
 from ezmia.config import AuditConfig
+from ezmia.data.datasets import ROW_INDEX
+from ezmia.data.schema import scores_schema
+from ezmia.data.text import tokenize
 from ezmia.errors import ModelError
-from ezmia.io import ROW_INDEX
-from ezmia.models import ModelPlan, adapter_base, resolve_model_dir
-from ezmia.schema import scores_schema
-from ezmia.scores import score_sequence
-from ezmia.text import tokenize
+from ezmia.plan.models import ModelPlan, adapter_base, resolve_model_dir
+from ezmia.stats.scores import score_sequence
 
 TOKEN_COLUMNS = ("input_ids", "truncated", "zlib_size", "text_sha256")
 PASS_TYPES = {
@@ -69,7 +69,7 @@ def stage_models(config: AuditConfig, role: Role) -> ModelPlan:
     """The models of one stage, resolved on this node: planned and checked from the small
     files, then only the weights this stage loads fetched (a reference stage never downloads
     the target)."""
-    from ezmia.planner import resolve_models
+    from ezmia.plan.planner import resolve_models
 
     plan = resolve_models(config, weights=False)
     cache = Path(config.cache_dir) if config.cache_dir else None

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from ezmia import storage
-from ezmia.schema import LEDGER_SCHEMA
+from ezmia.data import storage
+from ezmia.data.schema import LEDGER_SCHEMA
 
 
 class Ledger:
