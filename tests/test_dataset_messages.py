@@ -184,6 +184,7 @@ def test_id_type_refusals():
         ([pa.int8(), pa.uint32()], pa.int64()),
         ([pa.uint8(), pa.uint64()], pa.uint64()),
     ],
+    ids=["one-type", "dictionary-and-plain", "string-widths", "signed-and-unsigned", "unsigned"],
 )
 def test_id_types_unify(types, unified):
     assert unify_id_types([(f"f{i}", t) for i, t in enumerate(types)], "id") == unified

@@ -34,6 +34,7 @@ from ezmia.report.summary import (
     verdict,
     warnings,
 )
+from ezmia.stats.epsilon import audit_epsilon
 from ezmia.stats.scores import EZ_OK, EZ_STATUSES, SCORE_COLUMNS
 
 
@@ -224,6 +225,32 @@ def test_privacy_text_with_and_without_a_claim():
     assert privacy_text(claimed).endswith(
         "assuming members were chosen at random. The claimed epsilon 8 is not refuted."
     )
+
+
+def test_the_bound_uses_the_given_delta_and_seed():
+    rng = np.random.default_rng(2)
+    members = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    values = members + rng.random(600)
+    scores = table(members.tolist(), ["ok"] * 600, {"ez_score": values})
+    for delta, seed in ((1e-3, 0), (1e-5, 7)):
+        expected = audit_epsilon(members, {"ez_score": values}, delta=delta, seed=seed)
+        assert privacy_bound(scores, ["ez_score"], delta, None, seed) == expected
+    assert audit_epsilon(members, {"ez_score": values}, seed=7) != audit_epsilon(
+        members, {"ez_score": values}, seed=0
+    )
+
+
+def test_a_missing_label_counts_as_a_non_member_in_metrics_and_bound():
+    rng = np.random.default_rng(3)
+    members = np.r_[np.ones(300, bool), np.zeros(300, bool)]
+    values = {"ez_score": members + rng.random(600)}
+    labels = [True] * 300 + [None] * 300
+    scores = table(labels, ["ok"] * 600, values)
+    assert scored_counts(scores) == (300, 300)
+    metrics, _ = leakage_metrics(scores, 0, 0)
+    assert metrics["ez_score"]["n_nonmembers"] == 300 and metrics["ez_score"]["auc"] == 1.0
+    bound = privacy_bound(scores, ["ez_score"], 1e-5, None, 0)
+    assert bound == audit_epsilon(members, values, delta=1e-5, seed=0)
 
 
 def test_a_claim_equal_to_the_bound_is_not_refuted():
@@ -444,7 +471,8 @@ def test_load_policy_refuses_a_bad_rule_naming_the_file(tmp_path):
     assert str(raised.value).startswith(f"{path}: rules.0")
 
 
-def test_resolve_paths_against_an_s3_folder_and_leaves_other_values_alone():
+def test_resolve_paths_against_a_bucket_folder_and_leaves_other_values_alone():
+    """(No "s3" in this test's name: ``make mutate`` deselects those.)"""
     options = {"members": ["./m.parquet", "s3://b/x.parquet", 3], "reference": "../ref",
                "data": "plain.parquet", "max_length": "./not-a-path"}  # fmt: skip
     assert resolve_paths(options, "s3://bucket/team/ckpt") == {
@@ -482,3 +510,11 @@ def test_sidecar_refusal_word_for_word(tmp_path):
         "operator's policy (audit_defaults or rules) or the scan's flags may; remove them from "
         "the sidecar"
     )
+
+
+def test_sidecar_with_a_bad_key_names_the_sidecar(tmp_path):
+    path = tmp_path / "ezmia.yaml"
+    path.write_text("members: m.parquet\nmax_lenght: 8\n")
+    with pytest.raises(InputError) as raised:
+        read_options(str(path))
+    assert str(raised.value).startswith(f"{path}: max_lenght")
