@@ -362,3 +362,40 @@ def test_first_member_and_nonmember_sharing_a_value():
     assert member_and_nonmember(keys.slice(0, 4), "v") is None
     nulls_only = pa.table({"v": [None, None, "x"], "is_member": [True, False, False]})
     assert member_and_nonmember(nulls_only, "v") is None
+
+
+# --- bucket paths (pure path logic; listing and reading objects runs in test_io.py) --------
+
+
+def test_paths_below_a_bucket_root_and_side_files():
+    from ezmia.data.datasets import _relative, _side_file
+
+    assert _relative("s3://b/root/x/y.parquet", "s3://b/root/") == "x/y.parquet"
+    assert _relative("s3://b/root/x/y.parquet", "s3://b/root") == "x/y.parquet"
+    assert _relative("s3://b/x/y.parquet", "s3://b") == "x/y.parquet"
+    assert _relative("s3://b/x/y.parquet", "s3://b/") == "x/y.parquet"
+    assert _relative("/data/root/x/y.parquet", "/data/root") == "x/y.parquet"
+    side = ["", "x/", "a.parquet.crc", "x_$folder$", ".a.parquet", "d/.h/a.parquet",
+            "_SUCCESS", "_tmp/a.parquet"]  # fmt: skip
+    assert [_side_file(r) for r in side] == [True] * len(side)
+    data = ["a.parquet", "_day=1/a.parquet", "d/e_f.parquet", "a.b/c.parquet"]
+    assert [_side_file(r) for r in data] == [False] * len(data)
+
+
+def test_a_bucket_object_on_both_sides_is_refused():
+    from ezmia.data.datasets import _check_one_side
+
+    seen: dict = {}
+    _check_one_side("s3://b/a.parquet", True, "s3://b/", seen)
+    _check_one_side("s3://b/a.parquet", True, "s3://b/a.parquet", seen)
+    _check_one_side("s3://b/a.parquet", None, "s3://b/a.parquet", seen)
+    assert seen == {"s3://b/a.parquet": (True, "s3://b/")}
+    assert refusal(_check_one_side, "s3://b/a.parquet", False, "s3://b/a.parquet", seen) == (
+        "s3://b/a.parquet: given as both --members (s3://b/) and --nonmembers "
+        "(s3://b/a.parquet); a row is either a member or a non-member: give each file to one "
+        "side only"
+    )
+    unlabelled: dict = {}
+    _check_one_side("s3://b/a.parquet", None, "x", unlabelled)
+    _check_one_side("s3://b/a.parquet", False, "y", unlabelled)
+    assert unlabelled == {"s3://b/a.parquet": (None, "x")}
