@@ -29,6 +29,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/run.py
+	$(PY) -m benchmarks.whole_process
 
 bench-scale: install
 	$(PY) benchmarks/ray_overhead.py
