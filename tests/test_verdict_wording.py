@@ -35,6 +35,7 @@ from ezmia.report.summary import (
     warnings,
 )
 from ezmia.stats.epsilon import audit_epsilon
+from ezmia.stats.metrics import labelled_metrics
 from ezmia.stats.scores import EZ_OK, EZ_STATUSES, SCORE_COLUMNS
 
 
@@ -185,6 +186,20 @@ def test_skipped_scores_say_why():
     assert metrics["ez_score"]["n"] == 4 and metrics["ez_score"]["auc"] == 0.5
 
 
+def test_metrics_and_bound_use_the_given_rounds_and_seed():
+    rng = np.random.default_rng(4)
+    members = np.r_[np.ones(150, bool), np.zeros(150, bool)]
+    values = members * 0.3 + rng.random(300)
+    scores = table(members.tolist(), ["ok"] * 300, {"ez_score": values})
+    metrics, _ = leakage_metrics(scores, 40, 5)
+    assert metrics["ez_score"] == labelled_metrics(members, values, 40, 5)
+    assert metrics["ez_score"]["auc_ci95"] != labelled_metrics(members, values, 40, 6)["auc_ci95"]
+    found = build_summary(scores, mode="leakage", bootstrap_rounds=40, seed=5, detection=None)
+    assert found["metrics"]["ez_score"] == metrics["ez_score"]
+    assert found["privacy"] == privacy_bound(scores, list(found["metrics"]), 1e-5, None, 5)
+    assert found["privacy"] != privacy_bound(scores, list(found["metrics"]), 1e-5, None, 6)
+
+
 # --- warnings, privacy, detection ----------------------------------------------------------
 
 
@@ -293,6 +308,10 @@ def test_build_summary_in_detection_and_scores_only_modes():
     assert found["status_counts"] == dict.fromkeys(EZ_STATUSES, 0) | {"ok": 3, "empty": 1}
     assert found["detection"] == {**DETECTION, "n_flagged": 2, "n_candidates": 4}
     assert found["verdict"] == detection_verdict(DETECTION, 2, 4)
+    none = scores.set_column(scores.num_columns - 1, "flagged", pa.array([False] * 4))
+    found = build_summary(none, mode="detection", bootstrap_rounds=0, seed=0, detection=DETECTION)
+    assert found["detection"]["n_flagged"] == 0
+    assert found["verdict"]["text"].startswith("0 of 4 candidates score above")
     unknown = {"level": "unknown", "text": "Scores only: no labels to judge by."}
     for mode, detection in (("scores", None), ("detection", None)):
         only = build_summary(scores, mode=mode, bootstrap_rounds=0, seed=0, detection=detection)
@@ -305,6 +324,7 @@ def test_build_summary_of_a_leakage_audit_carries_privacy_and_warnings():
     scores = table(members.tolist(), ["ok"] * 600, {"ez_score": members + rng.random(600)})
     found = build_summary(scores, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
     assert found["blind_baseline"] is None and found["verdict"]["warnings"] == []
+    assert found["metrics_skipped"] == {}
     assert found["verdict"]["privacy"] == privacy_text(found["privacy"])
     assert found["privacy"]["score"] in found["metrics"] and "claim" not in found["privacy"]
     few = build_summary(table([True, False], ["ok", "ok"]), mode="leakage", bootstrap_rounds=0,
