@@ -399,3 +399,24 @@ def test_a_bucket_object_on_both_sides_is_refused():
     _check_one_side("s3://b/a.parquet", None, "x", unlabelled)
     _check_one_side("s3://b/a.parquet", False, "y", unlabelled)
     assert unlabelled == {"s3://b/a.parquet": (None, "x")}
+
+
+def test_reasons_are_one_short_line():
+    from ezmia.data.datasets import _reason
+
+    assert _reason(OSError()) == "OSError"
+    assert _reason(ValueError("first line\nsecond")) == "first line"
+    assert _reason(ValueError("x" * 400)) == "x" * 300
+
+
+def test_labels_without_file_rows_name_the_position_and_fixed_labels_pass_through():
+    table = pa.table({"t": ["a", "b"], "y": pa.array([1, 3], pa.int16()),
+                      ROW_INDEX: pa.array([7, 8], pa.int64())})  # fmt: skip
+    assert refusal(normalize, table, Columns("t", None, "y"), "f.parquet") == (
+        "f.parquet: label column 'y' has value 3 at row 1; expected bool or 0/1 (1 = member)"
+    )
+    fixed = table.drop_columns(["y"]).append_column("__label", pa.array([True, True]))
+    out = normalize(fixed, Columns("t"), "f")
+    assert out.column_names == ["id", "text", ROW_INDEX, "is_member"]
+    assert out.column("is_member").to_pylist() == [True, True]
+    assert out.column("id").to_pylist() == [7, 8]
