@@ -340,6 +340,8 @@ def test_texts_of_every_type_become_strings_and_bad_bytes_become_null():
         out = normalize(table, columns, "f")
         assert out.column("text").to_pylist() == ["ab", None, None]
         assert out.column("text").type == pa.string()
+        undecodable = table.slice(1, 2)
+        assert normalize(undecodable, columns, "f").column("text").type == pa.string()
     for text in (pa.array(["x"], pa.large_string()), pa.array(["x"]).dictionary_encode()):
         table = pa.table({"t": text, ROW_INDEX: pa.array([5], pa.int64())})
         out = normalize(table, columns, "f")
@@ -375,6 +377,7 @@ def test_paths_below_a_bucket_root_and_side_files():
     assert _relative("s3://b/x/y.parquet", "s3://b") == "x/y.parquet"
     assert _relative("s3://b/x/y.parquet", "s3://b/") == "x/y.parquet"
     assert _relative("/data/root/x/y.parquet", "/data/root") == "x/y.parquet"
+    assert _relative("s3://b/rootX/Xy.parquet", "s3://b/rootX/") == "Xy.parquet"
     side = ["", "x/", "a.parquet.crc", "x_$folder$", ".a.parquet", "d/.h/a.parquet",
             "_SUCCESS", "_tmp/a.parquet"]  # fmt: skip
     assert [_side_file(r) for r in side] == [True] * len(side)
