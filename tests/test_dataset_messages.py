@@ -265,6 +265,7 @@ def test_file_rows_in_every_row_group_and_errors_name_them(tmp_path):
         (1, 7, 4, 4),
         (2, 11, 3, 8),
     ]
+    assert {f.id_type for f in fragments} == {None}  # no id column: ids are row numbers
     third = read_fragment(fragments[3], Columns("text", None, "label"))
     assert third.column(FILE_ROW).to_pylist() == [8, 9, 10]
     assert third.column(ROW_INDEX).to_pylist() == [11, 12, 13]
