@@ -134,23 +134,7 @@ def bench(name: str, args: argparse.Namespace, workdir: Path) -> list[tuple[dict
     """Both paths on each target of one model, alternating, ``--repeats`` rounds."""
     log(f"building {name}")
     fixture = build(name, workdir, args.device, getattr(torch, args.dtype))
-    texts_file = workdir / f"texts-{name}.json"
-    texts_file.write_text(json.dumps(fixtures.texts(SEQUENCES[name])))
-    results = []
-    for kind in args.targets:
-        spec = {
-            "model": name, "kind": kind, "texts": str(texts_file),
-            "target": str(fixture.target(kind)), "base": str(fixture.base),
-            "adapter": kind == "lora", "device": args.device, "dtype": args.dtype,
-            "batch_size": args.batch_size, "max_length": args.max_length, "oracle_sequences": 0,
-        }  # fmt: skip
-        timed: dict[str, list[dict]] = {"ezmia": [], "baseline": []}
-        for _ in range(args.repeats):
-            for path, runs in timed.items():
-                runs.append(harness.run_path({**spec, "path": path}, workdir))
-                log(f"{name} {kind} {path}: {runs[-1]['seconds']:.2f} s")
-        results.append(({p: harness.fastest(r) for p, r in timed.items()}, fixture.flop_params))
-    return results
+    return harness.time_cases(name, fixture, SEQUENCES[name], args, workdir, oracle_sequences=0)
 
 
 def section(results: dict) -> str:

@@ -72,17 +72,30 @@ def fastest(runs: list[dict]) -> dict:
 
 
 def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[tuple[dict, int]]:
-    """Both paths on each target of one model: ``({path: result}, N)`` per target.
-
-    The paths alternate, one timed run per subprocess, ``--repeats`` rounds: a burst of load
-    from other processes then spoils one run of each path rather than every run of one."""
+    """Both paths on each target of one model: ``({path: result}, N)`` per target."""
     log(f"building {name} checkpoints")
     save_dtype = torch.bfloat16 if name == "llama-1b" else torch.float32
     fixture = fixtures.build(name, workdir, args.device, save_dtype)
     if args.device == "cuda":
         torch.cuda.empty_cache()
+    return time_cases(name, fixture, args.sequences[name], args, workdir, args.oracle_sequences)
+
+
+def time_cases(
+    name: str,
+    fixture: fixtures.Fixture,
+    n_texts: int,
+    args: argparse.Namespace,
+    workdir: Path,
+    oracle_sequences: int,
+) -> list[tuple[dict, int]]:
+    """Both paths on each of ``args.targets`` of one fixture: ``({path: result}, N)`` each.
+
+    The paths alternate, one timed run per subprocess, ``--repeats`` rounds: a burst of load
+    from other processes then spoils one run of each path rather than every run of one. With
+    ``oracle_sequences``, the float64 oracle runs once after them."""
     texts_file = workdir / f"texts-{name}.json"
-    texts_file.write_text(json.dumps(fixtures.texts(args.sequences[name])))
+    texts_file.write_text(json.dumps(fixtures.texts(n_texts)))
     results = []
     for kind in args.targets:
         spec = {
@@ -90,15 +103,15 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> list[tupl
             "target": str(fixture.target(kind)), "base": str(fixture.base),
             "adapter": kind == "lora", "device": args.device, "dtype": args.dtype,
             "batch_size": args.batch_size, "max_length": args.max_length,
-            "oracle_sequences": args.oracle_sequences,
+            "oracle_sequences": oracle_sequences,
         }  # fmt: skip
         timed: dict[str, list[dict]] = {"ezmia": [], "baseline": []}
         for _ in range(args.repeats):
             for path, runs in timed.items():
                 runs.append(run_path({**spec, "path": path}, workdir))
-                log(f"{name} {kind} {path}: {runs[-1]['seconds']:.1f} s")
+                log(f"{name} {kind} {path}: {runs[-1]['seconds']:.2f} s")
         runs = {path: fastest(r) for path, r in timed.items()}
-        if args.oracle_sequences:
+        if oracle_sequences:
             runs["oracle"] = run_path({**spec, "path": "oracle"}, workdir)
         results.append((runs, fixture.flop_params))
     return results
