@@ -110,7 +110,7 @@ def audit(config: AuditConfig) -> AuditResult:
     plan = plan_audit(config)
     outputs.check_location(config.out, input_locations(config, plan.models))
     with outputs.open_output(
-        config.out, overwrite=config.overwrite, encryption=plan.encryption, holder="ezmia audit"
+        config.out, overwrite=config.overwrite, encryption=config.encryption, holder="ezmia audit"
     ) as output:
         engine = open_engine(plan)
         try:

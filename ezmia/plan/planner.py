@@ -47,7 +47,6 @@ class AuditPlan:
     columns: Columns
     fragments: list[Fragment]
     calibration: list[Fragment]
-    encryption: storage.Encryption
     timings: dict[str, float] = field(default_factory=dict)
     blind_baseline: dict | None = None  # of a leakage audit's split, from its texts alone
 
@@ -105,14 +104,7 @@ def plan_audit(config: AuditConfig) -> AuditPlan:
     else:
         fragments = plan_fragments(config.data, columns)
     calibration = plan_fragments(config.calibration, Columns(config.text_column))
-    plan = AuditPlan(
-        config,
-        models,
-        columns,
-        fragments,
-        calibration,
-        config.encryption,
-    )
+    plan = AuditPlan(config, models, columns, fragments, calibration)
     check_rows(plan)
     plan.timings["plan_s"] = time.perf_counter() - started
     return plan
