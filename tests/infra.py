@@ -434,17 +434,6 @@ class LocalRayCluster:
         """Job server / dashboard, "http://127.0.0.1:PORT" (RAY_ADDRESS for ``ray job``)."""
         return f"http://{LOCALHOST}:{self.dashboard_port}"
 
-    @property
-    def session_dir(self) -> Path | None:
-        if self.cluster is None:
-            return None
-        return Path(self.cluster.head_node.get_session_dir_path())
-
-    def node_count(self) -> int:
-        """Alive nodes according to the GCS."""
-        assert self.cluster is not None, "cluster not started"
-        return len(self.cluster.global_state._live_node_ids())
-
     # -- jobs --------------------------------------------------------------------------
 
     @property
