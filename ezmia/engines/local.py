@@ -16,6 +16,7 @@ from ezmia.data.datasets import Fragment, normalize, read_fragment
 from ezmia.data.text import load_tokenizer
 from ezmia.engines.scoring import (
     ModelStage,
+    add_flagged,
     combined_choice,
     model_stages,
     score_rows,
@@ -65,7 +66,7 @@ class LocalEngine:
             output.claim(*(outputs.part_name(i) for i in range(len(fragments))))
         with tqdm(total=sum(f.num_rows for f in fragments), desc="scoring", unit="seq") as bar:
             for index, fragment in enumerate(fragments):
-                table = self._score_fragment(fragment, threshold, bar)
+                table = add_flagged(self._score_fragment(fragment, bar), threshold)
                 if output is not None:
                     output.write_part(index, table)
                 parts.append(
@@ -73,7 +74,7 @@ class LocalEngine:
                 )
         return pa.concat_tables(parts)
 
-    def _score_fragment(self, fragment: Fragment, threshold: float | None, bar: tqdm) -> pa.Table:
+    def _score_fragment(self, fragment: Fragment, bar: tqdm) -> pa.Table:
         config = self.plan.config
         rows = normalize(
             read_fragment(fragment, self.plan.columns), self.plan.columns, fragment.uri
@@ -85,7 +86,7 @@ class LocalEngine:
             )
             for stage in self.stages:
                 tokenized = stage(tokenized)
-            chunks.append(score_rows(tokenized, config.include_text, threshold))
+            chunks.append(score_rows(tokenized, config.include_text))
             bar.update(tokenized.num_rows)
         return pa.concat_tables(chunks)
 

@@ -51,6 +51,7 @@ from ezmia.data.datasets import ROW_INDEX, Columns, Fragment, normalize, read_fr
 from ezmia.data.text import load_tokenizer
 from ezmia.engines.scoring import (
     ModelStage,
+    add_flagged,
     combined_choice,
     model_stages,
     score_rows,
@@ -105,18 +106,22 @@ def _tokenize(rows: pa.Table, tokenizer_uri: str, cache_dir: str | None, max_len
     return tokenize_rows(rows, _tokenizer(tokenizer_uri, cache_dir), max_length)
 
 
-def _score(rows: pa.Table, include_text: bool, threshold: float | None) -> pa.Table:
+def _score(rows: pa.Table, include_text: bool) -> pa.Table:
     """The score stage: every score from the model stages' columns, keeping ``SLICE``."""
-    return score_rows(rows, include_text, threshold).append_column(SLICE, rows.column(SLICE))
+    return score_rows(rows, include_text).append_column(SLICE, rows.column(SLICE))
 
 
-def _write_parts(rows: pa.Table, out: str, encryption: storage.Encryption) -> pa.Table:
-    """Write each slice's rows as its part (a retried block rewrites the same names) and
-    return one small row per part: its first source row and row count."""
+def _write_parts(
+    rows: pa.Table, out: str, encryption: storage.Encryption, threshold: float | None
+) -> pa.Table:
+    """Write each slice's rows as its part, ``flagged`` added in detection mode (a retried
+    block rewrites the same names), and return one small row per part: its first source row
+    and row count."""
     starts = sorted(set(rows.column(SLICE).to_pylist()))
     counts = []
     for start in starts:
         part = rows.filter(pc.equal(rows.column(SLICE), start)).drop_columns([SLICE])
+        part = add_flagged(part, threshold)
         outputs.write_scores(out, part, encryption, part=start)
         counts.append(part.num_rows)
     return pa.table({"part": pa.array(starts, pa.int64()), "rows": pa.array(counts, pa.int64())})
@@ -483,7 +488,7 @@ class RayEngine:
         except RayError as err:
             raise cluster_error(err) from err
 
-    def _dataset(self, fragments: list[Fragment], threshold: float | None):
+    def _dataset(self, fragments: list[Fragment]):
         """read -> tokenize -> model stages -> score, as a lazy Ray dataset."""
         import ray
 
@@ -525,7 +530,7 @@ class RayEngine:
             )
         return ds.map_batches(
             _score,
-            fn_kwargs={"include_text": config.include_text, "threshold": threshold},
+            fn_kwargs={"include_text": config.include_text},
             batch_format="pyarrow",
             num_cpus=0.25,
         )
@@ -533,20 +538,24 @@ class RayEngine:
     def _score(
         self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
     ) -> pa.Table:
-        ds = self._dataset(fragments, threshold)
+        ds = self._dataset(fragments)
         total = sum(f.num_rows for f in fragments)
         if output is None:  # calibration: the score columns come straight back
             batches = _progress(ds.iter_batches(batch_format="pyarrow"), total, len)
             tables = [
                 b.drop_columns([c for c in ("text", SLICE) if c in b.column_names]) for b in batches
             ]
-            scores = pa.concat_tables(tables).sort_by("source_row")
+            scores = add_flagged(pa.concat_tables(tables).sort_by("source_row"), threshold)
         else:
             slices = plan_slices(fragments, self.plan.config.ray.rows_per_block)
             output.claim(*(outputs.part_name(start) for start in slices))
             written = ds.map_batches(
                 _write_parts,
-                fn_kwargs={"out": output.uri, "encryption": output.encryption},
+                fn_kwargs={
+                    "out": output.uri,
+                    "encryption": output.encryption,
+                    "threshold": threshold,
+                },
                 batch_size=None,
                 batch_format="pyarrow",
                 num_cpus=0.25,

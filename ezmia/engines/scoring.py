@@ -120,9 +120,9 @@ def list_arrays(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
-def score_rows(rows: pa.Table, include_text: bool, flag_threshold: float | None = None) -> pa.Table:
-    """Score rows that went through every model stage into the scores schema; with
-    ``flag_threshold`` (detection mode), rows scoring above it are ``flagged``."""
+def score_rows(rows: pa.Table, include_text: bool) -> pa.Table:
+    """Score rows that went through every model stage into the scores schema (without
+    ``flagged``: ``add_flagged`` adds it to the scored rows in detection mode)."""
     passes = {
         name: list_arrays(rows.column(name)) for name in PASS_TYPES if name in rows.column_names
     }
@@ -133,18 +133,26 @@ def score_rows(rows: pa.Table, include_text: bool, flag_threshold: float | None 
         score_sequence(s, n, size) for s, n, size in zip(stats, n_tokens, zlib_sizes, strict=True)
     ]
     labelled = "is_member" in rows.column_names
-    detection = flag_threshold is not None
-    schema = scores_schema(rows.schema.field("id").type, labelled, detection, include_text)
+    schema = scores_schema(rows.schema.field("id").type, labelled, False, include_text)
     columns: dict = {name: [row[name] for row in scored] for name in scored[0]} if scored else {}
     columns["n_tokens"] = n_tokens
     columns["source_row"] = rows.column(ROW_INDEX)
     columns["backend"] = rows.column("backend")
-    if detection:
-        columns["flagged"] = [row["ez_score"] > flag_threshold for row in scored]
     for name in ("id", "truncated", "text_sha256", "is_member", "text"):
         if name in schema.names:
             columns[name] = rows.column(name)
     return pa.table({f.name: columns.get(f.name, []) for f in schema}, schema=schema)
+
+
+def add_flagged(scores: pa.Table, threshold: float | None) -> pa.Table:
+    """Scored rows with ``flagged`` (EZ strictly above the detection ``threshold``) where the
+    scores schema places it, before ``text``; unchanged without a threshold (not detection)."""
+    if threshold is None:
+        return scores
+    flagged = pc.greater(scores.column("ez_score"), threshold)
+    names = scores.column_names
+    at = names.index("text") if "text" in names else len(names)
+    return scores.add_column(at, pa.field("flagged", pa.bool_()), flagged)
 
 
 def check_token_range(rows: pa.Table, vocab_size: int | None) -> None:
