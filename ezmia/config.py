@@ -73,6 +73,11 @@ class VllmOptions(Strict):
         description="GPUs the reference's vLLM engine is sharded over (default: the target's)",
     )
 
+    def stage_tensor_parallel_size(self, role: str) -> int:
+        """GPUs one vLLM engine of a model stage (``role``) is sharded over."""
+        reference = self.reference_tensor_parallel_size if role == "reference" else None
+        return reference or self.tensor_parallel_size
+
 
 class AuditConfig(Strict):
     """Everything one audit needs. Datasets: ``data`` (with ``label_column`` for a leakage

@@ -21,10 +21,11 @@ pytest.importorskip(
 )
 
 import ezmia.backends as backends  # noqa: E402
-from ezmia.backends import BackendOptions, create_backend  # noqa: E402
-from ezmia.backends.canary import compare_stats, cross_check  # noqa: E402
+from ezmia.backends import open_backend  # noqa: E402
+from ezmia.backends.canary import compare_stats  # noqa: E402
 from ezmia.backends.torch import TorchBackend  # noqa: E402
 from ezmia.backends.vllm import VllmBackend, _InProcessEngines  # noqa: E402
+from ezmia.config import AuditConfig  # noqa: E402
 from ezmia.data.text import load_tokenizer, tokenize  # noqa: E402
 from ezmia.errors import EzmiaError, InputError  # noqa: E402
 from ezmia.plan.models import plan_models  # noqa: E402
@@ -36,6 +37,12 @@ LP_TOLERANCE = 1e-4
 SET_NUM_THREADS = torch.set_num_threads  # before any engine starts in this process
 ENGINE_ENV = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_ALLOW_LONG_MAX_MODEL_LEN")
 ENV_BEFORE = {key: os.environ.get(key) for key in ENGINE_ENV}
+
+
+def audit_config(**settings) -> AuditConfig:
+    """An audit config with these settings (``vllm`` a dict); only its backend options are
+    used here, so the paths are placeholders."""
+    return AuditConfig.model_validate({"target": "t", "out": "o", "data": ["d"], **settings})
 
 
 class Shifted:
@@ -84,14 +91,15 @@ def lora_plan(models):
 
 @pytest.fixture(scope="module")
 def vllm_full(full_plan):
-    backend = VllmBackend(full_plan)
+    backend = VllmBackend(full_plan, audit_config())
     yield backend
     backend.close()
 
 
 @pytest.fixture(scope="module")
 def vllm_merged(lora_plan, tmp_path_factory):
-    backend = VllmBackend(lora_plan, cache_dir=tmp_path_factory.mktemp("merged"))
+    cache = tmp_path_factory.mktemp("merged")
+    backend = VllmBackend(lora_plan, audit_config(cache_dir=str(cache)))
     yield backend
     backend.close()
 
@@ -156,9 +164,10 @@ def test_too_long_sequences_are_refused(vllm_full):
 
 def test_canary_passes_on_vllm_and_catches_a_shifted_backend(vllm_full, torch_full, sequences):
     canary = sequences[:4]
-    healthy = cross_check(vllm_full, torch_full, canary, "float32")
+    expected = torch_full.token_stats(canary)
+    healthy = compare_stats(vllm_full.token_stats(canary), expected, "float32")
     assert healthy.passed and healthy.top1_disagreements == 0
-    broken = cross_check(Shifted(vllm_full, 1e-2), torch_full, canary, "float32")
+    broken = compare_stats(Shifted(vllm_full, 1e-2).token_stats(canary), expected, "float32")
     assert not broken.passed
     assert broken.max_abs_logprob_diff == pytest.approx(1e-2, rel=1e-2)
     assert "FAILED" in broken.describe()
@@ -169,11 +178,11 @@ def test_canary_passes_on_vllm_and_catches_a_shifted_backend(vllm_full, torch_fu
 
 @pytest.fixture
 def served_by(monkeypatch):
-    """Make ``create_backend`` pick vLLM here, served by a given (non-owning) backend."""
+    """Make ``open_backend`` pick vLLM here, served by a given (non-owning) backend."""
     monkeypatch.setenv(backends.VLLM_ON_CPU_ENV, "1")
 
     def serve(backend):
-        monkeypatch.setattr(backends, "vllm_backend", lambda plan, options: backend)
+        monkeypatch.setattr(backends, "vllm_backend", lambda plan, config, role: backend)
         return backend
 
     return serve
@@ -181,7 +190,7 @@ def served_by(monkeypatch):
 
 def test_auto_picks_vllm_when_allowed_and_the_canary_passes(full_plan, vllm_full, served_by):
     served = served_by(Shifted(vllm_full, 0.0))
-    backend, choice = create_backend(full_plan, BackendOptions(canary_sequences=4))
+    backend, choice = open_backend(audit_config(vllm={"canary_sequences": 4}), full_plan)
     assert backend is served and choice["name"] == "vllm"
     assert choice["canary"]["passed"] and "canary passed" in choice["reason"]
 
@@ -189,13 +198,13 @@ def test_auto_picks_vllm_when_allowed_and_the_canary_passes(full_plan, vllm_full
 def test_canary_failure_stops_the_audit(full_plan, vllm_full, served_by):
     served = served_by(Shifted(vllm_full, 1e-2))
     with pytest.raises(EzmiaError, match="disagree on the canary"):
-        create_backend(full_plan, BackendOptions(backend="vllm", on_canary_failure="stop"))
+        open_backend(audit_config(backend="vllm", vllm={"on_canary_failure": "stop"}), full_plan)
     assert served.closed
 
 
 def test_canary_failure_falls_back_to_torch(full_plan, vllm_full, served_by):
     served = served_by(Shifted(vllm_full, 1e-2))
-    backend, choice = create_backend(full_plan, BackendOptions(backend="vllm"))
+    backend, choice = open_backend(audit_config(backend="vllm"), full_plan)
     assert isinstance(backend, TorchBackend) and served.closed
     assert choice["name"] == "torch" and "canary" in choice["reason"]
     assert not choice["canary"]["passed"]
@@ -205,7 +214,7 @@ def test_auto_uses_torch_on_a_cpu_only_machine(full_plan, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     monkeypatch.delenv(backends.VLLM_ON_CPU_ENV, raising=False)
-    backend, choice = create_backend(full_plan, BackendOptions())
+    backend, choice = open_backend(audit_config(), full_plan)
     assert isinstance(backend, TorchBackend)
     assert choice["name"] == "torch" and "CPU build is meant for tests" in choice["reason"]
 
@@ -216,7 +225,7 @@ def test_unsupported_architecture_falls_back_to_torch(models, tmp_path, caplog):
     config["architectures"] = ["NoSuchModelForCausalLM"]
     (target / "config.json").write_text(json.dumps(config))
     plan = plan_models(str(target), str(models.base))
-    backend, choice = create_backend(plan, BackendOptions(backend="vllm"))
+    backend, choice = open_backend(audit_config(backend="vllm"), plan)
     assert isinstance(backend, TorchBackend) and choice["name"] == "torch"
     assert "NoSuchModelForCausalLM" in choice["reason"]
     assert "scoring with PyTorch" in caplog.text
@@ -224,8 +233,8 @@ def test_unsupported_architecture_falls_back_to_torch(models, tmp_path, caplog):
 
 def test_engine_start_failure_falls_back_to_torch(lora_plan, caplog):
     owners = _InProcessEngines.owners
-    options = BackendOptions(backend="vllm", lora_mode="lora_request")
-    backend, choice = create_backend(lora_plan, options)  # vLLM has no LoRA for GPT-2
+    config = audit_config(backend="vllm", vllm={"lora_mode": "lora_request"})
+    backend, choice = open_backend(config, lora_plan)  # vLLM has no LoRA for GPT-2
     assert isinstance(backend, TorchBackend) and choice["name"] == "torch"
     assert "failed to start" in choice["reason"] and "LoRA" in choice["reason"]
     assert _InProcessEngines.owners == owners  # the half-built backend released its share
@@ -257,8 +266,8 @@ def llama_lora_plan(models, tmp_path_factory):
 
 
 def test_lora_request_passes_the_canary_and_matches_torch(llama_lora_plan, sequences):
-    options = BackendOptions(backend="vllm", lora_mode="lora_request")
-    backend, choice = create_backend(llama_lora_plan, options)
+    config = audit_config(backend="vllm", vllm={"lora_mode": "lora_request"})
+    backend, choice = open_backend(config, llama_lora_plan)
     try:
         assert choice["name"] == "vllm" and choice["canary"]["passed"], choice["reason"]
         assert choice["canary"]["n_positions"] > 0

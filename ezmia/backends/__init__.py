@@ -21,9 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ezmia.backends.base import Role, ScoringBackend
@@ -57,87 +54,26 @@ CANARY_TEXTS = (
     "their original packaging, with the receipt enclosed.",
 )
 
-_CHOICES = {
-    "backend": ("auto", "vllm", "torch"),
-    "lora_mode": ("merge", "lora_request"),
-    "on_canary_failure": ("stop", "fallback"),
-}
 
-
-@dataclass(frozen=True)
-class BackendOptions:
-    """How to pick and configure the scoring backend (see the module docstring)."""
-
-    backend: str = "auto"  # auto | vllm | torch
-    role: Role = "both"  # the passes this backend runs (one model stage's, or both)
-    tensor_parallel_size: int = 1  # vLLM: GPUs one engine of this role is sharded over
-    device: str = "auto"
-    dtype: str = "auto"
-    batch_size: int = 16
-    max_length: int | None = None  # the audit's max_length; sizes vLLM's max_model_len
-    gpu_memory_utilization: float = 0.8
-    max_num_seqs: int = 64
-    max_model_len: int | None = None
-    lora_mode: str = "merge"  # merge | lora_request
-    canary_sequences: int = 8  # 0 skips the canary (not with lora_request)
-    on_canary_failure: str = "fallback"  # stop | fallback
-    cache_dir: Path | None = None
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-
-    def __post_init__(self) -> None:
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"{name} {getattr(self, name)!r}: expected one of {allowed}")
-
-    @classmethod
-    def from_config(cls, config: Any, role: Role = "both") -> BackendOptions:
-        """Options from an ``AuditConfig`` (its top-level and ``vllm`` settings) for a
-        backend running ``role``'s passes."""
-        vllm = config.vllm
-        tp = vllm.reference_tensor_parallel_size if role == "reference" else None
-        return cls(
-            backend=config.backend,
-            role=role,
-            tensor_parallel_size=tp or vllm.tensor_parallel_size,
-            device=config.device,
-            dtype=config.dtype,
-            batch_size=config.batch_size,
-            max_length=config.max_length,
-            gpu_memory_utilization=vllm.gpu_memory_utilization,
-            max_num_seqs=vllm.max_num_seqs,
-            max_model_len=vllm.max_model_len,
-            lora_mode=vllm.lora_mode,
-            canary_sequences=vllm.canary_sequences,
-            on_canary_failure=vllm.on_canary_failure,
-            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
-            allow_pickle=config.allow_pickle,
-            trust_remote_code=config.trust_remote_code,
-        )
-
-
-def create_backend(
-    plan: ModelPlan,
-    options: BackendOptions | None = None,
-    canary: Sequence[Sequence[int]] | None = None,
+def open_backend(
+    config: AuditConfig, plan: ModelPlan, role: Role = "both"
 ) -> tuple[ScoringBackend, dict[str, Any]]:
-    """The backend to score ``plan`` with, and ``{"name", "reason"}`` (plus ``"canary"``
-    when one ran). ``canary`` overrides the built-in canary texts with token-id sequences."""
-    options = options or BackendOptions()
-    reason = why_not_vllm(plan, options)
+    """The scoring backend for this audit's ``role`` passes (a model stage's, or both) and the
+    record of which one and why: ``{"name", "reason"}``, plus ``"canary"`` when one ran."""
+    reason = why_not_vllm(plan, config)
     if reason is not None:
-        if options.backend == "vllm":
+        if config.backend == "vllm":
             log.warning("vLLM was requested but %s; scoring with PyTorch", reason)
-        return torch_backend(plan, options), {"name": "torch", "reason": reason}
-    return _vllm_with_canary(plan, options, canary)
+        return torch_backend(plan, config, role), {"name": "torch", "reason": reason}
+    return _vllm_with_canary(plan, config, role)
 
 
-def why_not_vllm(plan: ModelPlan, options: BackendOptions) -> str | None:
+def why_not_vllm(plan: ModelPlan, config: AuditConfig) -> str | None:
     """Why PyTorch is used instead of vLLM, or None when vLLM should be tried."""
-    if options.backend == "torch":
+    if config.backend == "torch":
         return "PyTorch backend requested"
-    auto = options.backend == "auto"
-    if auto and not _accelerator_visible(options.device) and not _vllm_on_cpu_allowed():
+    auto = config.backend == "auto"
+    if auto and not _accelerator_visible(config.device) and not _vllm_on_cpu_allowed():
         return _cpu_reason("no GPU")
     try:
         import vllm
@@ -151,7 +87,7 @@ def why_not_vllm(plan: ModelPlan, options: BackendOptions) -> str | None:
         )
     if auto and on_cpu() and not _vllm_on_cpu_allowed():
         return _cpu_reason("the installed vLLM build is CPU-only")
-    device = _vllm_device_reason(options.device, on_cpu())
+    device = _vllm_device_reason(config.device, on_cpu())
     if device is not None:
         return device
     unsupported = _unsupported_architectures(plan, set(ModelRegistry.get_supported_archs()))
@@ -264,58 +200,43 @@ def _unsupported_architectures(plan: ModelPlan, supported: set[str]) -> str | No
     return None
 
 
-def torch_backend(plan: ModelPlan, options: BackendOptions) -> ScoringBackend:
+def torch_backend(plan: ModelPlan, config: AuditConfig, role: Role) -> ScoringBackend:
     from ezmia.backends.torch import TorchBackend
 
     return TorchBackend(
         plan,
-        role=options.role,
-        device=options.device,
-        dtype=options.dtype,
-        batch_size=options.batch_size,
-        allow_pickle=options.allow_pickle,
-        trust_remote_code=options.trust_remote_code,
+        role=role,
+        device=config.device,
+        dtype=config.dtype,
+        batch_size=config.batch_size,
+        allow_pickle=config.allow_pickle,
+        trust_remote_code=config.trust_remote_code,
     )
 
 
-def vllm_backend(plan: ModelPlan, options: BackendOptions) -> ScoringBackend:
+def vllm_backend(plan: ModelPlan, config: AuditConfig, role: Role) -> ScoringBackend:
     from ezmia.backends.vllm import VllmBackend
 
-    return VllmBackend(
-        plan,
-        role=options.role,
-        tensor_parallel_size=options.tensor_parallel_size,
-        dtype=options.dtype,
-        gpu_memory_utilization=options.gpu_memory_utilization,
-        max_model_len=options.max_model_len or _max_model_len(plan, options.max_length),
-        max_num_seqs=options.max_num_seqs,
-        lora_mode=options.lora_mode,  # type: ignore[arg-type]
-        cache_dir=options.cache_dir,
-        allow_pickle=options.allow_pickle,
-        trust_remote_code=options.trust_remote_code,
-    )
+    return VllmBackend(plan, config, role)
 
 
-def _max_model_len(plan: ModelPlan, max_length: int | None) -> int | None:
-    """One slot past the longest scored sequence (the sampled token's)."""
-    context = context_length(plan)
-    if max_length is None:
-        return None  # the backend's default: the model's context + 1
-    return min(max_length, context or max_length) + 1
+def scored_length(plan: ModelPlan, max_length: int) -> int:
+    """The longest sequence scored: ``max_length``, capped at the model's context."""
+    return min(max_length, context_length(plan) or max_length)
 
 
 def _vllm_with_canary(
-    plan: ModelPlan, options: BackendOptions, canary: Sequence[Sequence[int]] | None
+    plan: ModelPlan, config: AuditConfig, role: Role
 ) -> tuple[ScoringBackend, dict[str, Any]]:
-    reason = "vLLM backend" + (" (requested)" if options.backend == "vllm" else "")
-    sequences = canary_sequences(plan, options, canary)
-    expected = _torch_stats(plan, options, sequences) if sequences else None
+    reason = "vLLM backend" + (" (requested)" if config.backend == "vllm" else "")
+    sequences = canary_sequences(plan, config)
+    expected = _torch_stats(plan, config, role, sequences) if sequences else None
     try:
-        primary = vllm_backend(plan, options)
+        primary = vllm_backend(plan, config, role)
     except Exception as err:  # vLLM raises many types; all mean "no engine"
         why = f"the vLLM engine failed to start ({type(err).__name__}: {err})"
         log.warning("%s; scoring with PyTorch", why)
-        return torch_backend(plan, options), {"name": "torch", "reason": why}
+        return torch_backend(plan, config, role), {"name": "torch", "reason": why}
     if expected is None:
         return primary, {"name": "vllm", "reason": reason + "; canary skipped"}
     result = _run_canary(primary, sequences, expected)
@@ -327,31 +248,28 @@ def _vllm_with_canary(
     if result.passed:
         return primary, choice
     primary.close()
-    return _on_canary_failure(plan, options, result)
+    return _on_canary_failure(plan, config, role, result)
 
 
-def canary_sequences(
-    plan: ModelPlan, options: BackendOptions, canary: Sequence[Sequence[int]] | None
-) -> list[list[int]]:
-    """The token ids the canary scores: ``canary`` or the built-in texts, capped in number."""
-    count = options.canary_sequences
-    if options.lora_mode == "lora_request" and plan.target_is_adapter:
+def canary_sequences(plan: ModelPlan, config: AuditConfig) -> list[list[int]]:
+    """The token ids the canary scores: the built-in texts, capped in number."""
+    count = config.vllm.canary_sequences
+    if config.vllm.lora_mode == "lora_request" and plan.target_is_adapter:
         count = max(count, LORA_REQUEST_MIN_CANARY)
     if count <= 0:
         return []
-    if canary is None:
-        from ezmia.data.text import load_tokenizer, tokenize
+    from ezmia.data.text import load_tokenizer, tokenize
 
-        limit = min(options.max_length or 128, context_length(plan) or 128)
-        canary = tokenize(load_tokenizer(plan.tokenizer), list(CANARY_TEXTS), limit).input_ids
+    limit = scored_length(plan, config.max_length)
+    canary = tokenize(load_tokenizer(plan.tokenizer), list(CANARY_TEXTS), limit).input_ids
     return [list(ids) for ids in canary if len(ids) >= 2][:count]
 
 
 def _torch_stats(
-    plan: ModelPlan, options: BackendOptions, sequences: list[list[int]]
+    plan: ModelPlan, config: AuditConfig, role: Role, sequences: list[list[int]]
 ) -> tuple[list[TokenStats], str]:
     """PyTorch's statistics of the canary and its dtype; the models are released after."""
-    backend = torch_backend(plan, options)
+    backend = torch_backend(plan, config, role)
     try:
         stats = stage_stats(backend.pass_columns(sequences))
         return stats, str(backend.dtype).removeprefix("torch.")
@@ -373,22 +291,16 @@ def _run_canary(
 
 
 def _on_canary_failure(
-    plan: ModelPlan, options: BackendOptions, result: CanaryResult
+    plan: ModelPlan, config: AuditConfig, role: Role, result: CanaryResult
 ) -> tuple[ScoringBackend, dict[str, Any]]:
     message = f"vLLM and PyTorch disagree on the canary sequences: {result.describe()}"
-    if options.on_canary_failure == "stop":
+    if config.vllm.on_canary_failure == "stop":
         raise ModelError(
             f"{message}. Rerun with --backend torch, or set on_canary_failure to 'fallback'"
         )
     log.warning("%s; scoring with PyTorch", message)
-    return torch_backend(plan, options), {
+    return torch_backend(plan, config, role), {
         "name": "torch",
         "reason": f"{message}; fell back to PyTorch",
         "canary": result.as_record(),
     }
-
-
-def open_backend(config: AuditConfig, models: ModelPlan, role: str = "both"):
-    """The scoring backend for this audit's ``role`` passes (a model stage's, or both) and the
-    record of which one and why."""
-    return create_backend(models, BackendOptions.from_config(config, role))

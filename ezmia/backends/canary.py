@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ezmia.backends.base import PassColumns, ScoringBackend
+from ezmia.backends.base import PassColumns
 from ezmia.stats.scores import TokenStats
 
 HALF_PRECISION = ("bfloat16", "float16", "half", "bf16", "fp16")
@@ -113,13 +113,3 @@ def stage_stats(columns: PassColumns) -> list[TokenStats]:
         TokenStats(np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(c, bool))
         for a, b, c in zip(lp_target, lp_reference, top1, strict=True)
     ]
-
-
-def cross_check(
-    primary: ScoringBackend,
-    fallback: ScoringBackend,
-    sequences: Sequence[Sequence[int]],
-    dtype: str,
-) -> CanaryResult:
-    """Score ``sequences`` with both backends and compare (NaN differences fail)."""
-    return compare_stats(primary.token_stats(sequences), fallback.token_stats(sequences), dtype)

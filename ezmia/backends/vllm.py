@@ -30,20 +30,18 @@ import os
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 
 from ezmia.backends.base import PassColumns, Role, stats_from_columns
+from ezmia.config import AuditConfig
 from ezmia.errors import InputError
 from ezmia.plan.memory import engine_settings
 from ezmia.plan.models import ModelPlan, context_length, merged_adapter_dir, vocab_sizes
 from ezmia.stats.scores import TokenStats
 
 log = logging.getLogger(__name__)
-
-LoraMode = Literal["merge", "lora_request"]
-DEFAULT_MODEL_LEN = 8192  # the memory plan's longest sequence when the config names none
 
 
 def on_cpu() -> bool:
@@ -132,70 +130,45 @@ class VllmBackend:
     name = "vllm"
     provides_distribution = False
 
-    def __init__(
-        self,
-        plan: ModelPlan,
-        *,
-        role: Role = "both",
-        tensor_parallel_size: int = 1,
-        dtype: str = "auto",
-        gpu_memory_utilization: float = 0.8,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 64,
-        lora_mode: LoraMode = "merge",
-        cache_dir: Path | None = None,
-        allow_pickle: bool = False,
-        trust_remote_code: bool = False,
-    ) -> None:
-        if lora_mode not in get_args(LoraMode):
-            raise InputError(f"lora_mode {lora_mode!r}: expected one of {get_args(LoraMode)}")
+    def __init__(self, plan: ModelPlan, config: AuditConfig, role: Role = "both") -> None:
+        from ezmia.backends import scored_length
+
+        vllm = config.vllm
         self.role = role
-        self.dtype = resolve_dtype(dtype)
+        self.dtype = resolve_dtype(config.dtype)
         self.in_process = on_cpu()
-        context = context_length(plan)
-        self.max_model_len = max_model_len or (context + 1 if context else None)
-        self.lora_mode = lora_mode if plan.target_is_adapter and role == "both" else "merge"
+        self.max_model_len = vllm.max_model_len or scored_length(plan, config.max_length) + 1
+        both = plan.target_is_adapter and role == "both"
+        self.lora_mode = vllm.lora_mode if both else "merge"
         self.vocab_size = min((size for _, size in vocab_sizes(plan)), default=None)
         self._lora_request: Any = None
         self.target: Any = None
         self.reference: Any = None
         self._engines: list[Any] = []
         self._closed = False
-        self._settings = self._engine_settings(
-            max_num_seqs, allow_pickle, trust_remote_code, tensor_parallel_size
+        self._settings: dict[str, Any] = dict(
+            dtype=self.dtype,
+            max_model_len=self.max_model_len,
+            max_num_seqs=vllm.max_num_seqs,
+            enable_prefix_caching=False,
+            skip_tokenizer_init=True,
+            trust_remote_code=config.trust_remote_code,
+            load_format="auto" if config.allow_pickle else "safetensors",
         )
-        self._overrides = self._env_overrides(context)
+        tp = vllm.stage_tensor_parallel_size(role)
+        if self.in_process:
+            self._settings.update(enforce_eager=True, distributed_executor_backend="uni")
+        elif tp > 1:
+            self._settings.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
+        self._overrides = self._env_overrides(context_length(plan))
         if self.in_process:
             _InProcessEngines.acquire()
         try:
-            self._start(plan, gpu_memory_utilization, cache_dir)
+            cache = Path(config.cache_dir) if config.cache_dir else None
+            self._start(plan, vllm.gpu_memory_utilization, cache)
         except BaseException:
             self.close()
             raise
-
-    def _engine_settings(
-        self,
-        max_num_seqs: int,
-        allow_pickle: bool,
-        trust_remote_code: bool,
-        tensor_parallel_size: int,
-    ) -> dict[str, Any]:
-        settings: dict[str, Any] = dict(
-            dtype=self.dtype,
-            max_model_len=self.max_model_len,
-            max_num_seqs=max_num_seqs,
-            enable_prefix_caching=False,
-            skip_tokenizer_init=True,
-            trust_remote_code=trust_remote_code,
-            load_format="auto" if allow_pickle else "safetensors",
-        )
-        if self.in_process:
-            settings.update(enforce_eager=True, distributed_executor_backend="uni")
-        elif tensor_parallel_size > 1:
-            settings.update(
-                tensor_parallel_size=tensor_parallel_size, distributed_executor_backend="mp"
-            )
-        return settings
 
     def _env_overrides(self, context: int | None) -> dict[str, str]:
         overrides: dict[str, str] = {}
@@ -224,8 +197,7 @@ class VllmBackend:
             return
         share = memory / 2 if self.role == "both" else memory
         if self.role != "reference":
-            cache = Path(cache_dir) if cache_dir is not None else None
-            target = merged_adapter_dir(plan, cache) if plan.target_is_adapter else plan.target
+            target = merged_adapter_dir(plan, cache_dir) if plan.target_is_adapter else plan.target
             self.target = self._engine(target, share)
         if self.role != "target":
             self.reference = self._engine(plan.reference, share)
@@ -254,7 +226,7 @@ class VllmBackend:
             dtype=self.dtype,
             tensor_parallel_size=self._settings.get("tensor_parallel_size", 1),
             gpu_memory_bytes=torch.cuda.get_device_properties(0).total_memory,
-            max_model_len=self.max_model_len or DEFAULT_MODEL_LEN,
+            max_model_len=self.max_model_len,
             engines_per_gpu=engines,
             requested_share=memory,
         )
@@ -302,8 +274,6 @@ class VllmBackend:
         return columns
 
     def _check_lengths(self, batch: list[list[int]], rows: list[int]) -> None:
-        if self.max_model_len is None:
-            return
         longest = max(range(len(batch)), key=lambda k: len(batch[k]))
         if len(batch[longest]) >= self.max_model_len:
             raise InputError(
