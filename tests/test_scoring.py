@@ -48,6 +48,15 @@ def test_token_ids_outside_the_vocabulary_name_the_row_and_the_id(sequences, row
     assert "(ids 0 to 9)" in str(err.value)
 
 
+def test_the_out_of_range_message_says_what_is_wrong_and_how_to_fix_it():
+    with pytest.raises(ModelError) as err:
+        check_token_range(rows([1, 2], [0, 10, -3]), vocab_size=10)
+    assert str(err.value) == (
+        "source row 11: token id 10 is outside the models' vocabulary (ids 0 to 9): the "
+        "tokenizer does not match the models; use the tokenizer they were trained with"
+    )
+
+
 def test_an_unknown_vocabulary_size_checks_nothing():
     check_token_range(rows([10**6, -5]), vocab_size=None)
 
@@ -64,3 +73,18 @@ def test_tokenized_columns_have_the_scores_types(models):
         [],
     ]
     assert table.column("text_sha256").to_pylist()[1] is None
+
+
+@pytest.mark.parametrize("texts", [[], [None, None]], ids=["no rows", "no texts"])
+def test_tokenized_columns_keep_their_types_without_values_to_infer_them_from(models, texts):
+    tokenizer = load_tokenizer(models.tokenizer)
+    table = tokenize_rows(pa.table({"text": pa.array(texts, pa.string())}), tokenizer, 8)
+    assert table.schema == pa.schema(
+        {
+            "text": pa.string(),
+            "input_ids": pa.list_(pa.int32()),
+            "truncated": pa.bool_(),
+            "zlib_size": pa.int64(),
+            "text_sha256": pa.string(),
+        }
+    )

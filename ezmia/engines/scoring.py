@@ -16,6 +16,7 @@ from or go.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from pathlib import Path
 
@@ -112,12 +113,11 @@ def run_pass(rows: pa.Table, backend: ScoringBackend) -> pa.Table:
     return rows.append_column("backend", pa.array(names, pa.string()))
 
 
-def list_arrays(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+def list_arrays(column: pa.ChunkedArray) -> list[np.ndarray]:
     """A list column as one numpy array per row (views, no per-element Python objects)."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = array.offsets.to_numpy()
-    values = array.values.to_numpy(zero_copy_only=False)  # offsets index these (slices too)
-    return [values[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    array = column.combine_chunks()
+    values = np.asarray(array.values)  # the offsets index these (slices too)
+    return [values[a:b] for a, b in itertools.pairwise(array.offsets.to_numpy())]
 
 
 def score_rows(rows: pa.Table, include_text: bool) -> pa.Table:
@@ -129,9 +129,7 @@ def score_rows(rows: pa.Table, include_text: bool) -> pa.Table:
     stats = stats_from_columns(passes)
     n_tokens = pc.list_value_length(rows.column("input_ids")).to_pylist()
     zlib_sizes = rows.column("zlib_size").to_pylist()
-    scored = [
-        score_sequence(s, n, size) for s, n, size in zip(stats, n_tokens, zlib_sizes, strict=True)
-    ]
+    scored = list(map(score_sequence, stats, n_tokens, zlib_sizes))
     labelled = "is_member" in rows.column_names
     schema = scores_schema(rows.schema.field("id").type, labelled, False, include_text)
     columns: dict = {name: [row[name] for row in scored] for name in scored[0]} if scored else {}
@@ -158,22 +156,21 @@ def add_flagged(scores: pa.Table, threshold: float | None) -> pa.Table:
 def check_token_range(rows: pa.Table, vocab_size: int | None) -> None:
     """Refuse token ids outside ``0..vocab_size-1`` before they reach an embedding lookup (the
     planning check compares the tokenizer with the configs; this one sees the actual ids)."""
-    ids = pc.list_flatten(rows.column("input_ids"))
-    if vocab_size is None or not len(ids):
+    if vocab_size is None:
         return
-    bounds = pc.min_max(ids).as_py()
-    if bounds["min"] >= 0 and bounds["max"] < vocab_size:
+    sequences = rows.column("input_ids").combine_chunks()
+    ids = pc.list_flatten(sequences)
+    outside = pc.or_(pc.less(ids, 0), pc.greater_equal(ids, vocab_size))
+    if not pc.any(outside).as_py():  # None: no ids at all
         return
-    for row, sequence in zip(
-        rows.column(ROW_INDEX).to_pylist(), rows.column("input_ids").to_pylist(), strict=True
-    ):
-        bad = next((i for i in sequence if not 0 <= i < vocab_size), None)
-        if bad is not None:
-            raise ModelError(
-                f"source row {row}: token id {bad} is outside the models' vocabulary (ids 0 to "
-                f"{vocab_size - 1}): the tokenizer does not match the models; use the tokenizer "
-                "they were trained with"
-            )
+    first = pc.index(outside, True).as_py()
+    row = rows.column(ROW_INDEX)[pc.list_parent_indices(sequences)[first].as_py()].as_py()
+    bad = ids[first].as_py()
+    raise ModelError(
+        f"source row {row}: token id {bad} is outside the models' vocabulary (ids 0 to "
+        f"{vocab_size - 1}): the tokenizer does not match the models; use the tokenizer they "
+        "were trained with"
+    )
 
 
 def combined_choice(choices: dict[str, dict]) -> dict:
