@@ -72,8 +72,11 @@ def why_not_vllm(plan: ModelPlan, config: AuditConfig) -> str | None:
     """Why PyTorch is used instead of vLLM, or None when vLLM should be tried."""
     if config.backend == "torch":
         return "PyTorch backend requested"
+    import torch
+
     auto = config.backend == "auto"
-    if auto and not _accelerator_visible(config.device) and not _vllm_on_cpu_allowed():
+    accelerator = config.device != "cpu" and torch.cuda.is_available()
+    if auto and not accelerator and not _vllm_on_cpu_allowed():
         return _cpu_reason("no GPU")
     try:
         import vllm
@@ -180,14 +183,6 @@ def check_device(device: str) -> None:
             f"{'s' if count > 1 else ''} ({parsed.type}:0 to {parsed.type}:{count - 1}); "
             f"use one of them or --device {parsed.type}"
         )
-
-
-def _accelerator_visible(device: str) -> bool:
-    if device == "cpu":
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _unsupported_architectures(plan: ModelPlan, supported: set[str]) -> str | None:

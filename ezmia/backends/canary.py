@@ -41,10 +41,6 @@ FP32_TOLERANCE = Tolerance(max_abs=1e-4, mean_abs=1e-4, top1_fraction=0.0)
 HALF_TOLERANCE = Tolerance(max_abs=1.0, mean_abs=0.05, top1_fraction=0.01)
 
 
-def tolerance_for(dtype: str) -> Tolerance:
-    return HALF_TOLERANCE if dtype in HALF_PRECISION else FP32_TOLERANCE
-
-
 @dataclass(frozen=True)
 class CanaryResult:
     """Outcome of a cross-check; ``passed`` is False also when position counts differ."""
@@ -80,7 +76,7 @@ def compare_stats(
     primary: Sequence[TokenStats], fallback: Sequence[TokenStats], dtype: str
 ) -> CanaryResult:
     """Compare two backends' statistics of the same sequences under ``dtype``'s tolerance."""
-    tol = tolerance_for(dtype)
+    tol = HALF_TOLERANCE if dtype in HALF_PRECISION else FP32_TOLERANCE
     pairs = list(zip(primary, fallback, strict=False))
     if len(primary) != len(fallback) or any(a.n_positions != b.n_positions for a, b in pairs):
         return CanaryResult(False, float("inf"), float("inf"), 0, 0, tol, dtype)

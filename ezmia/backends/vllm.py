@@ -51,13 +51,6 @@ def on_cpu() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def resolve_dtype(dtype: str) -> str:
-    """fp32 on CPU, bf16 on an accelerator, unless asked otherwise."""
-    if dtype != "auto":
-        return dtype
-    return "float32" if on_cpu() else "bfloat16"
-
-
 class _InProcessEngines:
     """Every in-process engine alive, shut down together when the last owner closes."""
 
@@ -135,8 +128,9 @@ class VllmBackend:
 
         vllm = config.vllm
         self.role = role
-        self.dtype = resolve_dtype(config.dtype)
         self.in_process = on_cpu()
+        auto = "float32" if self.in_process else "bfloat16"  # fp32 on CPU, bf16 on accelerators
+        self.dtype = auto if config.dtype == "auto" else config.dtype
         self.max_model_len = vllm.max_model_len or scored_length(plan, config.max_length) + 1
         both = plan.target_is_adapter and role == "both"
         self.lora_mode = vllm.lora_mode if both else "merge"

@@ -268,9 +268,5 @@ def read_scores(out: str) -> pa.Table:
     return table.sort_by("source_row")
 
 
-def write_json(uri: str, data: dict, encryption: storage.Encryption | None) -> None:
-    storage.write_bytes(uri, json.dumps(data, indent=2, default=str).encode(), encryption)
-
-
 def read_json(uri: str) -> dict:
     return json.loads(storage.read_bytes(uri))

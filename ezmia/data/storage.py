@@ -22,24 +22,10 @@ CREDENTIALS_HINT = (
     "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or grant this role access "
     "to the bucket"
 )
-_CREDENTIAL_CODES = (
-    "AccessDenied",
-    "ACCESS_DENIED",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "Forbidden",
-    "403",
-)
-_CONNECTION_CODES = (
-    "EndpointConnectionError",
-    "ConnectionClosedError",
-    "ConnectTimeoutError",
-    "ReadTimeoutError",
-    "NETWORK_CONNECTION",
-    "Could not connect",
-)
+_CREDENTIAL_CODES = ("AccessDenied", "ACCESS_DENIED", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                     "ExpiredToken", "InvalidToken", "Forbidden", "403")  # fmt: skip
+_CONNECTION_CODES = ("EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError",
+                     "ReadTimeoutError", "NETWORK_CONNECTION", "Could not connect")  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ def collect_docstrings(min_chars: int = 200) -> list[str]:
     ``idlelib``, ``lib2to3`` and third-party packages are skipped. Docstrings shorter than
     ``min_chars`` after whitespace normalisation are dropped; duplicates keep first place.
     """
-    docs = _all_docstrings(Path(sysconfig.get_paths()["stdlib"]))
+    docs = _unique_texts(Path(sysconfig.get_paths()["stdlib"]), None)
     return [doc for doc in docs if len(doc) >= min_chars]
 
 
@@ -54,15 +54,19 @@ def _file_docstrings(path: Path) -> list[str]:
     return [_normalise(doc) for doc in docs if doc]
 
 
-@lru_cache(maxsize=2)
-def _all_docstrings(root: Path) -> tuple[str, ...]:
-    paths = _stdlib_sources(root)
+@lru_cache(maxsize=4)
+def _unique_texts(root: Path, chunk_chars: int | None) -> tuple[str, ...]:
+    """The distinct docstrings (``chunk_chars`` None) or code chunks of the stdlib sources
+    under ``root``, in sorted path order, each at its first place."""
     seen: dict[str, None] = {}
     gc_enabled = gc.isenabled()
     gc.disable()  # ASTs are millions of acyclic nodes: collecting them is wasted time
     try:
-        for path in paths:
-            seen.update((doc, None) for doc in _file_docstrings(path))
+        for path in _stdlib_sources(root):
+            if chunk_chars is None:
+                seen.update(dict.fromkeys(_file_docstrings(path)))
+            else:
+                seen.update(dict.fromkeys(_file_chunks(path, chunk_chars)))
     finally:
         if gc_enabled:
             gc.enable()
@@ -75,7 +79,7 @@ def collect_code_chunks(max_chars: int = 360, min_chars: int = 200) -> list[str]
     own. The same files as ``collect_docstrings``, read in sorted path order; chunks shorter
     than ``min_chars`` after stripping are dropped; duplicates keep first place.
     """
-    chunks = _all_chunks(Path(sysconfig.get_paths()["stdlib"]), max_chars)
+    chunks = _unique_texts(Path(sysconfig.get_paths()["stdlib"]), max_chars)
     return [chunk for chunk in chunks if len(chunk) >= min_chars]
 
 
@@ -105,14 +109,6 @@ def _tidy_code(lines: list[str]) -> str:
     """Lines joined without blank lines at either end (indentation kept), runs of blank
     lines cut to one."""
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines).strip("\n"))
-
-
-@lru_cache(maxsize=2)
-def _all_chunks(root: Path, max_chars: int) -> tuple[str, ...]:
-    seen: dict[str, None] = {}
-    for path in _stdlib_sources(root):
-        seen.update((chunk, None) for chunk in _file_chunks(path, max_chars))
-    return tuple(seen)
 
 
 def split_corpus(

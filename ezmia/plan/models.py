@@ -189,11 +189,8 @@ def _fetch_header(client, bucket: str, key: str, dest: Path, size: int) -> None:
 
 def _sizes_match(directory: Path, files: list[tuple[str, str, int]]) -> bool:
     """Whether every listed file is present in ``directory`` with its listed size."""
-    for rel, _etag, size in files:
-        path = directory / rel
-        if not path.is_file() or path.stat().st_size != size:
-            return False
-    return True
+    paths = ((directory / rel, size) for rel, _etag, size in files)
+    return all(path.is_file() and path.stat().st_size == size for path, size in paths)
 
 
 def _verify_download(client, bucket: str, key: str, dest: Path, etag: str, size: int) -> None:
