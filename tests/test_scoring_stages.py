@@ -7,7 +7,9 @@ record the summary shows."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -92,7 +94,8 @@ def test_an_adapters_stage_resolves_the_adapter_and_the_base_it_names(models):
     config = AuditConfig(target=str(models.lora), out="unused", data=["unused"])
     assert config.reference is None and config.cache_dir is None
     assert stage_models(config, "both") == plan_models(str(models.lora), None)
-    assert stage_models(config, "both").reference == models.base.resolve()
+    named = json.loads((models.lora / "adapter_config.json").read_text())
+    assert stage_models(config, "both").reference == Path(named["base_model_name_or_path"])
 
 
 @pytest.mark.parametrize("role", ["target", "reference"])
