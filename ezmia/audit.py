@@ -16,6 +16,7 @@ from ezmia.config import AuditConfig
 from ezmia.data import outputs
 from ezmia.data.datasets import Fragment
 from ezmia.plan.planner import AuditPlan, input_locations, plan_audit, use_ray
+from ezmia.report.model import RunMetadata, Summary
 from ezmia.report.publish import publish, summarize
 from ezmia.stats.metrics import detection_threshold
 
@@ -25,10 +26,10 @@ PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", 
 @dataclass(frozen=True)
 class AuditResult:
     out: str
-    summary: dict
+    summary: Summary
 
 
-def run_metadata(plan: AuditPlan, backend_choice: dict) -> dict:
+def run_metadata(plan: AuditPlan, backend_choice: dict) -> RunMetadata:
     """Configuration, fingerprints, versions and backend choice recorded in the summary."""
     versions = {}
     for package in PACKAGES:
@@ -36,19 +37,19 @@ def run_metadata(plan: AuditPlan, backend_choice: dict) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
-    return {
-        "name": plan.config.display_name,
-        "config": plan.config.model_dump(mode="json"),
-        "models": {
+    return RunMetadata(
+        name=plan.config.display_name,
+        config=plan.config.model_dump(mode="json"),
+        models={
             "target": str(plan.config.target),
             "reference": str(plan.config.reference or plan.models.reference),
             "target_is_adapter": plan.models.target_is_adapter,
             "fingerprints": plan.models.fingerprints,
         },
-        "backend": backend_choice,
-        "versions": versions,
-        "host": {"pid": os.getpid()},
-    }
+        backend=backend_choice,
+        versions=versions,
+        host={"pid": os.getpid()},
+    )
 
 
 class Engine(Protocol):
@@ -90,14 +91,18 @@ def open_engine(plan: AuditPlan) -> Engine:
 
 
 def finish(
-    plan: AuditPlan, output: outputs.Output, scores: pa.Table, detection: dict | None, meta: dict
-) -> dict:
+    plan: AuditPlan,
+    output: outputs.Output,
+    scores: pa.Table,
+    detection: dict | None,
+    meta: RunMetadata,
+) -> Summary:
     """Summary, report and ``_SUCCESS`` (last), from the score columns only."""
     config = plan.config
     started = time.perf_counter()
     data = summarize(config, scores, detection, plan.blind_baseline)
     plan.timings["summary_s"] = time.perf_counter() - started
-    summary = {**meta, **data, "timings": plan.timings}
+    summary = Summary(**meta.dump(), **data.dump(), timings=plan.timings)
     publish(output.write, summary, scores)
     output.write(outputs.SUCCESS, b"")
     return summary

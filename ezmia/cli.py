@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         from ezmia.audit import audit
 
         result = audit(audit_config_from_args(args))
-        print(result.summary["verdict"]["text"])
+        print(result.summary.verdict.text)
         print(f"report: {result.out.rstrip('/')}/report.html")
         return 0
     if args.command == "batch":

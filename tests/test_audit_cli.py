@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +31,27 @@ SCORE_COLUMNS = [
     "min_k",
     "min_k_pp",
 ]
+
+
+LAYOUTS = Path(__file__).parent / "summary_json"  # written by ezmia at commit efb63a9
+
+
+def layout(value):
+    """Keys, nesting and value types, in order."""
+    if isinstance(value, dict):
+        return [(key, layout(item)) for key, item in value.items()]
+    if isinstance(value, list):
+        return [layout(item) for item in value]
+    return type(value).__name__
+
+
+def assert_layout_as_before(out, name: str) -> None:
+    """``summary.json`` in ``out`` is laid out as the same audit's was before the summary was
+    typed, but for ``config`` and ``versions`` (the options and the installed packages)."""
+    found, before = (json.loads(p.read_text()) for p in (out / "summary.json", LAYOUTS / name))
+    for summary in (found, before):
+        summary["config"] = summary["versions"] = {}
+    assert layout(found) == layout(before)
 
 
 def run_audit(models, out, *extra, target=None):
@@ -64,6 +87,16 @@ def test_every_id_keeps_its_source_row_and_label(full_audit, models):
     assert len({r["id"] for r in rows}) == len(rows) == len(source)
     assert {r["id"]: r["is_member"] for r in rows} == {s["id"]: s["is_member"] for s in source}
     assert {r["id"]: r["source_row"] for r in rows} == {s["id"]: i for i, s in enumerate(source)}
+
+
+def test_summary_json_keeps_its_layout_in_every_mode(full_audit, models, tmp_path):
+    assert_layout_as_before(full_audit, "leakage.json")
+    out = tmp_path / "scores-only"
+    args = ["audit", "--target", str(models.full), "--reference", str(models.base),
+            "--data", str(models.members), "--id-column", "id", "--out", str(out),
+            "--max-length", "64"]  # fmt: skip
+    assert main(args) == 0
+    assert_layout_as_before(out, "scores.json")
 
 
 def test_summary_counts_members_from_the_source_labels(full_audit, models):
@@ -153,6 +186,7 @@ def test_detection_mode_flags_candidates_above_the_calibration_threshold(
     leakage = pq.read_table(full_audit / "scores").to_pylist()
     nonmember_ez = [r["ez_score"] for r in leakage if not r["is_member"]]
     assert summary["detection"]["n_calibration"] == len(nonmember_ez)
+    assert_layout_as_before(out, "detection.json")
     assert threshold == pytest.approx(np.quantile(nonmember_ez, 0.95), rel=1e-5)
     member_ez = {r["id"]: r["ez_score"] for r in leakage if r["is_member"]}
     assert {r["id"]: r["ez_score"] for r in scores.to_pylist()} == pytest.approx(
@@ -164,6 +198,44 @@ def test_report_command_rerenders_from_scores(full_audit):
     (full_audit / "report.html").unlink()
     assert main(["report", str(full_audit)]) == 0
     assert "<svg" in (full_audit / "report.html").read_text()
+
+
+def copy_with_summary(full_audit, tmp_path, change) -> Path:
+    """A copy of ``full_audit`` whose summary.json ``change`` edited."""
+    out = tmp_path / "copy"
+    shutil.copytree(full_audit, out)
+    summary = json.loads((out / "summary.json").read_text())
+    change(summary)
+    (out / "summary.json").write_text(json.dumps(summary))
+    return out
+
+
+def older(summary: dict) -> None:
+    """As an earlier ezmia wrote it: no host, versions or timings, no operating points or
+    unresolved rates; plus a key this version does not know."""
+    for key in ("host", "versions", "timings"):
+        del summary[key]
+    for metrics in summary["metrics"].values():
+        del metrics["operating_points"], metrics["unresolved"]
+    summary["reviewer"] = {"ticket": 7}
+
+
+def test_report_rerenders_an_older_summary_and_keeps_what_it_did_not_write(full_audit, tmp_path):
+    before = json.loads((full_audit / "summary.json").read_text())
+    out = copy_with_summary(full_audit, tmp_path, older)
+    assert main(["report", str(out)]) == 0
+    after = json.loads((out / "summary.json").read_text())
+    assert after["reviewer"] == {"ticket": 7} and "host" not in after and "timings" not in after
+    assert after["metrics"] == before["metrics"] and after["verdict"] == before["verdict"]
+
+
+def test_report_refuses_a_summary_with_broken_metadata_in_one_line(full_audit, tmp_path, capsys):
+    out = copy_with_summary(full_audit, tmp_path, lambda s: s.update(models="gpt2"))
+    written = (out / "summary.json").read_text()
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ezmia: error: {out}/summary.json: not a valid summary (models: ")
+    assert err.count("\n") == 1 and (out / "summary.json").read_text() == written
 
 
 def test_missing_text_column_is_a_one_line_error_and_no_output(models, tmp_path, capsys):

@@ -17,6 +17,7 @@ from ezmia.demo.build import DEMO_COUNTS, build_key
 from ezmia.demo.corpus import _SKIP_DIRS, _file_chunks, collect_code_chunks, split_corpus
 from ezmia.demo.run import headline, table
 from ezmia.demo.train import DEMO_SIZES
+from ezmia.report.model import SummaryData
 from ezmia.report.summary import build_summary
 from ezmia.stats.blind import blind_baseline, text_features
 from ezmia.stats.metrics import min_nonmembers
@@ -81,7 +82,7 @@ def test_code_chunks_split_by_module_are_flagged():
     assert result["distinguishable"] is True and result["auc_ci95"][0] > 0.5
 
 
-def summary(n_members: int, n_nonmembers: int, shift: float, blind: dict | None) -> dict:
+def summary(n_members: int, n_nonmembers: int, shift: float, blind: dict | None) -> SummaryData:
     """A leakage summary of synthetic scores: members shifted up by ``shift``."""
     rng = np.random.default_rng(0)
     is_member = labels(n_members, n_nonmembers)
@@ -105,7 +106,7 @@ def test_the_table_prints_unresolved_rates_as_nr_and_the_blind_auc_and_epsilon()
     assert f"{blind['auc']:.3f}" in blind_line.split(" | ")[1]
     assert blind_line.split(" | ")[2].strip() == "n/a"
     epsilon_line = next(line for line in printed if line.startswith("epsilon >"))
-    bound = summaries["full"]["privacy"]["epsilon_lower_bound"]
+    bound = summaries["full"].privacy.epsilon_lower_bound
     assert bound > 1 and f"{bound:.2f}" in epsilon_line.split(" | ")[1]
 
 
@@ -115,6 +116,6 @@ def test_the_headline_uses_the_lowest_rate_every_audit_resolves():
     one = {"full": summary(300, 1000, 3.0, None), "lora": summary(300, 200, 0.5, None)}
     first = headline(one).splitlines()[0]
     assert first.startswith("At 1.0% false positives (the lowest rate 200 non-members")
-    tp = one["full"]["metrics"]["ez_score"]["operating_points"]["tpr_at_1pct_fpr"]["tpr"]
+    tp = one["full"].metrics["ez_score"].operating_points["tpr_at_1pct_fpr"].tpr
     assert f"{tp:.1%} of full's" in first
     assert "full: HIGH:" in headline(one)

@@ -10,7 +10,9 @@ import yaml
 
 from ezmia.errors import InputError
 from ezmia.fleet.policy import METRICS, OPERATOR_ONLY, Policy, Thresholds, judge, read_options
+from ezmia.report.model import SummaryData
 from ezmia.report.summary import VERDICT_RULES, verdict
+from tests.factories import data, metrics
 
 NOTHING_FLAGGED = {"tpr": 0.0, "tpr_exact_ci95": [0.0, 0.004]}
 QUIET = {  # 1000 non-members resolve both reported rates
@@ -23,9 +25,9 @@ QUIET = {  # 1000 non-members resolve both reported rates
 DEFAULT_LIMITS = {v for v in Thresholds().model_dump(exclude={"score"}).values() if v is not None}
 
 
-def leakage(**ez: float) -> dict:
-    metrics = {"ez_score": {**QUIET, **ez}}
-    return {"mode": "leakage", "metrics": metrics, "verdict": verdict(metrics)}
+def leakage(**ez: float) -> SummaryData:
+    scores = {"ez_score": metrics({**QUIET, **ez})}
+    return data(metrics=scores, verdict=verdict(scores))
 
 
 def test_overrides_apply_in_order():
@@ -40,7 +42,7 @@ def test_overrides_apply_in_order():
     ]
     assert len(judge(summary, policy.thresholds_for("prod/x")).breaches) == 2
     assert len(judge(summary, policy.thresholds_for("prod/legacy/x")).breaches) == 1
-    assert judge({"mode": "detection"}, Thresholds()).verdict == "fail"
+    assert judge(data(mode="detection"), Thresholds()).verdict == "fail"
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -59,14 +61,15 @@ def test_a_metric_equal_to_its_limit_passes_and_just_above_fails(metric, limit):
 def test_default_policy_fails_exactly_the_high_verdicts_at_their_boundary(key, limit):
     for value in (math.nextafter(limit, -1), limit, math.nextafter(limit, 2)):
         summary = leakage(**{key: value})
-        high = summary["verdict"]["level"] == "high"
+        high = summary.verdict.level == "high"
         assert judge(summary, Thresholds()).verdict == ("fail" if high else "pass"), value
-    assert leakage(**{key: limit})["verdict"]["level"] != "high"
+    assert leakage(**{key: limit}).verdict.level != "high"
 
 
 def test_insufficient_audit_fails_the_most_lenient_policy():
     lenient = Thresholds(**{f"max_{m}": 1.0 for m in METRICS})
-    summary = {**leakage(), "verdict": {"level": "insufficient", "text": "Too few scored rows"}}
+    summary = leakage()
+    summary.verdict = {"level": "insufficient", "text": "Too few scored rows"}
     judgement = judge(summary, lenient)
     assert judgement.verdict == "fail"
     assert judgement.breaches == ["insufficient: Too few scored rows"]

@@ -141,7 +141,7 @@ def test_model_stages_request_their_gpus_and_the_driver_never_reads_weights(
     )
     here = pq.read_table(tmp_path / "local" / "scores").sort_by("id")
     assert remote.num_rows == pq.read_table(models.eval).num_rows
-    assert result.summary["backend"]["name"] == local.summary["backend"]["name"] == "torch"
+    assert result.summary.backend.name == local.summary.backend.name == "torch"
     assert remote.column("id").to_pylist() == here.column("id").to_pylist()
     for score in SCORES.values():
         np.testing.assert_allclose(

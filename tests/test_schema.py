@@ -9,12 +9,13 @@ import pyarrow as pa
 from ezmia.audit import AuditResult
 from ezmia.data.schema import SCHEMA_VERSION, index_schema, metric_columns, scores_schema
 from ezmia.fleet.index import index_row
+from ezmia.report.model import Summary
 from ezmia.report.summary import build_summary
 from ezmia.stats.metrics import METRICS
 from ezmia.stats.scores import SCORES
 
 
-def leakage_summary(n: int = 300, seed: int = 0) -> dict:
+def leakage_summary(n: int = 300, seed: int = 0) -> Summary:
     """A leakage audit's summary over random scores (members shifted up), as audit writes it:
     150 non-members resolve 1% FPR but not 0.1%."""
     rng = np.random.default_rng(seed)
@@ -22,12 +23,10 @@ def leakage_summary(n: int = 300, seed: int = 0) -> dict:
     columns = {name: rng.normal(size=n) + members for name in SCORES}
     table = pa.table({**columns, "ez_status": ["ok"] * n, "is_member": members})
     summary = build_summary(table, mode="leakage", bootstrap_rounds=20, seed=0, detection=None)
-    return summary | {
-        "name": "ckpt",
-        "models": {"target": "t", "reference": "r", "target_is_adapter": False,
-                   "fingerprints": {"target": "abc"}},
-        "backend": {"name": "torch"},
-    }  # fmt: skip
+    return Summary(**summary.dump(), name="ckpt", config={},
+                   models={"target": "t", "reference": "r", "target_is_adapter": False,
+                           "fingerprints": {"target": "abc"}},
+                   backend={"name": "torch", "reason": "no GPU"})  # fmt: skip
 
 
 def test_scores_table_keeps_its_column_layout():
@@ -71,9 +70,9 @@ def test_an_index_row_fills_every_index_column():
     row = index_row(AuditResult(out="/tmp/audit", summary=summary), "data.parquet")
     assert set(row) == set(index_schema().names)
     stored = pa.Table.from_pylist([row], schema=index_schema()).to_pylist()[0]
-    ez = summary["metrics"]["ez_score"]
-    assert stored["ez_score_auc"] == ez["auc"]
-    assert [stored["loss_auc_lo"], stored["loss_auc_hi"]] == summary["metrics"]["loss"]["auc_ci95"]
-    assert stored["ez_score_tpr_at_1pct_fpr"] == ez["tpr_at_1pct_fpr"] is not None
+    ez = summary.metrics["ez_score"]
+    assert stored["ez_score_auc"] == ez.auc
+    assert [stored["loss_auc_lo"], stored["loss_auc_hi"]] == summary.metrics["loss"].auc_ci95
+    assert stored["ez_score_tpr_at_1pct_fpr"] == ez.tpr_at_1pct_fpr is not None
     assert stored["ez_score_tpr_at_0_1pct_fpr"] is None  # 150 non-members cannot resolve 0.1%
     assert stored["report_uri"] == "/tmp/audit/report.html"

@@ -50,9 +50,9 @@ def test_a_registered_score_is_in_the_scores_and_index_schemas(toy):
 
 def test_a_registered_score_is_in_the_summary_index_row_and_report(toy, tmp_path):
     summary = leakage_summary()
-    assert summary["metrics"]["toy"]["auc"] > 0.5
+    assert summary.metrics["toy"].auc > 0.5
     row = index_row(AuditResult(out=str(tmp_path), summary=summary), "data.parquet")
-    assert row["toy_auc"] == summary["metrics"]["toy"]["auc"]
+    assert row["toy_auc"] == summary.metrics["toy"].auc
     folder = write_index(str(tmp_path), [row])
     assert pq.read_table(folder).column("toy_auc").to_pylist() == [row["toy_auc"]]
     rng = np.random.default_rng(0)
@@ -60,7 +60,7 @@ def test_a_registered_score_is_in_the_summary_index_row_and_report(toy, tmp_path
     table = pa.table({**{c: rng.normal(size=60) + members for c in SCORES},
                       "ez_status": ["ok"] * 60, "is_member": members, "id": range(60)})  # fmt: skip
     doc = render_report(summary, table)
-    assert f'<tr><th>Toy score</th><td class="num">{summary["metrics"]["toy"]["auc"]:.3f}' in doc
+    assert f'<tr><th>Toy score</th><td class="num">{summary.metrics["toy"].auc:.3f}' in doc
     assert 'stroke="#123456"' in doc and "Toy score (AUC" in doc  # its ROC curve
     assert "Toy: negated mean reference log-prob. Higher: the reference finds" in doc
 

@@ -16,6 +16,7 @@ import pytest
 
 from ezmia.cli import main
 from ezmia.demo.corpus import _SKIP_DIRS, _file_docstrings
+from ezmia.report.model import Detection, Summary, SummaryData
 from ezmia.report.summary import (
     MIN_SCORED_MEMBERS,
     MIN_SCORED_NONMEMBERS,
@@ -26,6 +27,7 @@ from ezmia.report.summary import (
 )
 from ezmia.stats.scores import EZ_OK, EZ_STATUSES, EZ_TOO_FEW_ERRORS, SCORE_COLUMNS
 from tests.conftest import audit_args
+from tests.factories import metrics
 
 LIMITS = {(level, key): limit for level, key, limit in VERDICT_RULES}
 NOTHING_FLAGGED = {"tpr": 0.0, "tpr_exact_ci95": [0.0, 0.004]}
@@ -47,14 +49,14 @@ def above(limit: float) -> float:
 
 
 def level_with(key: str, value: float) -> str:
-    return verdict({"ez_score": {**QUIET, key: value}})["level"]
+    return verdict({"ez_score": metrics({**QUIET, key: value})}).level
 
 
 def test_every_rule_is_covered_and_quiet_metrics_are_low():
     assert set(LIMITS) == {("high", "auc"), ("high", "tpr_at_0_1pct_fpr"),
                            ("moderate", "auc"), ("moderate", "tpr_at_1pct_fpr")}  # fmt: skip
     assert LIMITS["moderate", "auc"] < LIMITS["high", "auc"]
-    assert verdict({"ez_score": QUIET})["level"] == "low"
+    assert verdict({"ez_score": metrics(QUIET)}).level == "low"
 
 
 @pytest.mark.parametrize(
@@ -81,7 +83,7 @@ def scores_table(statuses: list[tuple[bool, str]]) -> pa.Table:
     return pa.table({**columns, "ez_status": [s for _, s in statuses], "is_member": members})
 
 
-def summary_of(statuses: list[tuple[bool, str]]) -> dict:
+def summary_of(statuses: list[tuple[bool, str]]) -> SummaryData:
     table = scores_table(statuses)
     return build_summary(table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
 
@@ -92,7 +94,7 @@ def rows(member: bool, ok: int, unscored: int = 0) -> list[tuple[bool, str]]:
 
 def test_the_fewest_scored_rows_give_a_verdict():
     summary = summary_of(rows(True, MIN_SCORED_MEMBERS) + rows(False, MIN_SCORED_NONMEMBERS))
-    assert summary["verdict"]["level"] == "high"
+    assert summary.verdict.level == "high"
 
 
 @pytest.mark.parametrize(
@@ -103,9 +105,9 @@ def test_the_fewest_scored_rows_give_a_verdict():
 )  # fmt: skip
 def test_one_scored_row_short_is_insufficient_whatever_the_metrics(members, nonmembers):
     summary = summary_of(rows(True, members, 5) + rows(False, nonmembers, 5))
-    assert summary["metrics"]["ez_score"]["auc"] == 1.0  # the metrics alone would say "high"
-    assert summary["verdict"]["level"] == "insufficient"
-    text = summary["verdict"]["text"]
+    assert summary.metrics["ez_score"].auc == 1.0  # the metrics alone would say "high"
+    assert summary.verdict.level == "insufficient"
+    text = summary.verdict.text
     assert f"{members} members and {nonmembers} non-members were scored" in text
     assert f"at least {MIN_SCORED_MEMBERS} of each" in text and "10 too_few_errors" in text
 
@@ -113,7 +115,7 @@ def test_one_scored_row_short_is_insufficient_whatever_the_metrics(members, nonm
 @pytest.mark.parametrize("status", [s for s in EZ_STATUSES if s != EZ_OK])
 def test_rows_that_were_not_scored_do_not_count(status):
     statuses = [(True, status)] * 30 + [(False, status)] * 30
-    assert summary_of(statuses)["verdict"]["level"] == "insufficient"
+    assert summary_of(statuses).verdict.level == "insufficient"
 
 
 def test_audit_of_unscorable_rows_reports_insufficient_not_safe(models, tmp_path, capsys):
@@ -143,24 +145,23 @@ def leakage_table(n_members: int, n_nonmembers: int, strong: str, seed: int = 0)
 def test_the_strongest_attack_decides_and_is_named_beside_ez():
     table = leakage_table(200, 1000, strong="ref_ratio")
     summary = build_summary(table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
-    found = summary["verdict"]
-    assert (found["level"], found["score"], found["fpr"]) == ("high", "ref_ratio", 0.001)
-    assert "At 0.1% false positives" in found["text"] and "Reference ratio" in found["text"]
-    assert "identifies 100.0% of the training records" in found["text"]
-    assert "EZ: " in found["text"]  # EZ's own figures stay in view
-    assert summary["metrics"]["ez_score"]["auc"] < 0.6
+    found = summary.verdict
+    assert (found.level, found.score, found.fpr) == ("high", "ref_ratio", 0.001)
+    assert "At 0.1% false positives" in found.text and "Reference ratio" in found.text
+    assert "identifies 100.0% of the training records" in found.text
+    assert "EZ: " in found.text  # EZ's own figures stay in view
+    assert summary.metrics["ez_score"].auc < 0.6
 
 
 def test_the_headline_uses_the_lowest_rate_the_non_members_resolve():
     table = leakage_table(200, 150, strong="ez_score")
     summary = build_summary(table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
-    assert summary["verdict"]["fpr"] == 0.01
-    assert (
-        "At 1.0% false positives (the lowest rate 150 non-members resolve)"
-        in (summary["verdict"]["text"])
+    assert summary.verdict.fpr == 0.01
+    assert "At 1.0% false positives (the lowest rate 150 non-members resolve)" in (
+        summary.verdict.text
     )
-    assert "0.1%" not in summary["verdict"]["text"]
-    assert summary["metrics"]["ez_score"]["tpr_at_0_1pct_fpr"] is None
+    assert "0.1%" not in summary.verdict.text
+    assert summary.metrics["ez_score"].tpr_at_0_1pct_fpr is None
 
 
 @pytest.mark.parametrize(("claimed", "claim"), [(0.5, "refuted"), (50.0, "not refuted")])
@@ -169,9 +170,9 @@ def test_a_claimed_epsilon_is_refuted_only_below_the_bound(claimed, claim):
     summary = build_summary(
         table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None, claimed_epsilon=claimed
     )
-    privacy = summary["privacy"]
-    assert privacy["epsilon_lower_bound"] > 3 and privacy["claim"] == claim
-    assert f"The claimed epsilon {claimed:g} is {claim}." in summary["verdict"]["privacy"]
+    privacy = summary.privacy
+    assert privacy.epsilon_lower_bound > 3 and privacy.claim == claim
+    assert f"The claimed epsilon {claimed:g} is {claim}." in summary.verdict.privacy
 
 
 def by_package_split(n: int) -> tuple[list[str], list[str]]:
@@ -209,7 +210,25 @@ def test_an_audit_of_a_split_biased_by_source_warns_and_a_random_one_does_not(mo
 
 
 def test_detection_says_whether_more_candidates_are_flagged_than_chance_would():
-    detection = {"fpr": 0.01, "threshold": 1.0, "n_calibration": 1000}
-    assert detection_verdict(detection, 2, 100)["level"] == "no evidence"
-    likely = detection_verdict(detection, 30, 100)
-    assert likely["level"] == "members likely" and "30 of 100 candidates" in likely["text"]
+    detection = {"fpr": 0.01, "threshold": 1.0, "n_calibration": 1000, "n_candidates": 100}
+    assert detection_verdict(Detection(**detection, n_flagged=2)).level == "no evidence"
+    likely = detection_verdict(Detection(**detection, n_flagged=30))
+    assert likely.level == "members likely" and "30 of 100 candidates" in likely.text
+
+
+LAYOUTS = Path(__file__).parent / "summary_json"  # written by ezmia at commit efb63a9
+
+
+@pytest.mark.parametrize("path", sorted(LAYOUTS.glob("*.json")), ids=lambda p: p.stem)
+def test_a_summary_json_of_before_the_typed_summary_round_trips_byte_for_byte(path):
+    text = path.read_bytes()
+    model = SummaryData if path.stem.startswith("data_") else Summary
+    assert model.model_validate(json.loads(text)).to_json() == text
+
+
+def test_keys_this_version_does_not_know_are_kept():
+    written = json.loads((LAYOUTS / "leakage.json").read_bytes())
+    written |= {"reviewer": {"ticket": 7}}
+    written["verdict"] |= {"signed_off": False}
+    written["metrics"]["loss"] |= {"tpr_at_5pct_fpr": 0.25}
+    assert Summary.model_validate(written).dump() == written

@@ -20,6 +20,7 @@ from ezmia.fleet.policy import (
     read_options,
     resolve_paths,
 )
+from ezmia.report.model import BlindBaseline, Detection, PrivacyBound, ScoreMetrics, SummaryData
 from ezmia.report.summary import (
     build_summary,
     detection_verdict,
@@ -37,6 +38,7 @@ from ezmia.report.summary import (
 from ezmia.stats.epsilon import audit_epsilon
 from ezmia.stats.metrics import labelled_metrics
 from ezmia.stats.scores import EZ_OK, EZ_STATUSES, SCORE_COLUMNS
+from tests.factories import data, metrics
 
 
 def point(tpr: float, low: float, high: float) -> dict:
@@ -59,18 +61,22 @@ def score(auc: float, n: int = 1000, *, tpr1: float = 0.0, tpr01: float = 0.0, l
     }
 
 
+def typed(figures: dict[str, dict]) -> dict[str, ScoreMetrics]:
+    return {name: metrics(m) for name, m in figures.items()}
+
+
 # --- verdict -----------------------------------------------------------------------------
 
 
 def test_no_ez_metrics_cannot_be_judged():
-    assert verdict({"loss": score(0.9)}) == {
+    assert verdict(typed({"loss": score(0.9)})).dump() == {
         "level": "unknown",
         "text": "No labelled EZ metrics: leakage cannot be judged.",
     }
 
 
 @pytest.mark.parametrize(
-    ("metrics", "level", "advice"),
+    ("figures", "level", "advice"),
     [
         (score(0.5, tpr01=0.06, low=0.01), "high",
          "The checkpoint leaks its training data: do not release it as is."),
@@ -79,9 +85,9 @@ def test_no_ez_metrics_cannot_be_judged():
         (score(0.5, low=0.01), "low", "Little measurable leakage with these attacks and data."),
     ],
 )  # fmt: skip
-def test_verdict_of_ez_alone_at_the_lowest_resolved_rate(metrics, level, advice):
-    tpr = f"{metrics['operating_points']['tpr_at_0_1pct_fpr']['tpr']:.1%}"
-    assert verdict({"ez_score": metrics}) == {
+def test_verdict_of_ez_alone_at_the_lowest_resolved_rate(figures, level, advice):
+    tpr = f"{figures['operating_points']['tpr_at_0_1pct_fpr']['tpr']:.1%}"
+    assert verdict(typed({"ez_score": figures})).dump() == {
         "level": level,
         "text": f"{advice} At 0.1% false positives (the lowest rate 1000 non-members resolve) "
         f"the strongest attack, EZ-MIA, identifies {tpr} of the training records (exact 95% "
@@ -92,8 +98,9 @@ def test_verdict_of_ez_alone_at_the_lowest_resolved_rate(metrics, level, advice)
 
 
 def test_verdict_names_a_stronger_attack_and_keeps_ez_figures():
-    metrics = {"ez_score": score(0.55, 150, tpr1=0.02), "loss": score(0.8, 150, tpr1=0.3, low=0.2)}
-    assert verdict(metrics) == {
+    scores = typed({"ez_score": score(0.55, 150, tpr1=0.02), "loss": score(0.8, 150, tpr1=0.3,
+                                                                             low=0.2)})  # fmt: skip
+    assert verdict(scores).dump() == {
         "level": "high",
         "text": "The checkpoint leaks its training data: do not release it as is. At 1.0% false "
         "positives (the lowest rate 150 non-members resolve) the strongest attack, LOSS, "
@@ -106,7 +113,7 @@ def test_verdict_names_a_stronger_attack_and_keeps_ez_figures():
 
 def test_verdict_without_a_resolved_rate_judges_by_auc():
     ez = {**score(0.65, 50), "operating_points": {}}
-    assert verdict({"ez_score": ez}) == {
+    assert verdict(typed({"ez_score": ez})).dump() == {
         "level": "moderate",
         "text": "The checkpoint leaks measurably: review before release. 50 non-members "
         "resolve none of the reported false-positive rates (1.0% needs 100, 0.1% needs "
@@ -114,30 +121,30 @@ def test_verdict_without_a_resolved_rate_judges_by_auc():
         "score": "ez_score",
         "fpr": None,
     }
-    found = verdict({"ez_score": ez, "zlib": {**score(0.9, 50), "operating_points": {}}})
-    assert found["score"] == "zlib" and found["level"] == "high"
-    assert found["text"].endswith("the strongest attack, zlib, reaches AUC 0.900 (EZ 0.650).")
+    found = verdict(typed({"ez_score": ez, "zlib": {**score(0.9, 50), "operating_points": {}}}))
+    assert found.score == "zlib" and found.level == "high"
+    assert found.text.endswith("the strongest attack, zlib, reaches AUC 0.900 (EZ 0.650).")
 
 
 def test_lowest_resolved_rate():
-    assert lowest_resolved({"ez_score": score(0.5, 1000)}) == "tpr_at_0_1pct_fpr"
-    assert lowest_resolved({"ez_score": score(0.5, 150)}) == "tpr_at_1pct_fpr"
-    assert lowest_resolved({"ez_score": score(0.5, 50)}) is None
+    assert lowest_resolved(typed({"ez_score": score(0.5, 1000)})) == "tpr_at_0_1pct_fpr"
+    assert lowest_resolved(typed({"ez_score": score(0.5, 150)})) == "tpr_at_1pct_fpr"
+    assert lowest_resolved(typed({"ez_score": score(0.5, 50)})) is None
 
 
 def test_strongest_by_level_then_interval_low_end_then_auc():
     # level first: a moderate AUC beats a higher interval low end at a low level
-    metrics = {"ez_score": score(0.61, low=0.0), "loss": score(0.55, low=0.04)}
-    assert strongest(metrics) == ("ez_score", "tpr_at_0_1pct_fpr")
+    scores = typed({"ez_score": score(0.61, low=0.0), "loss": score(0.55, low=0.04)})
+    assert strongest(scores) == ("ez_score", "tpr_at_0_1pct_fpr")
     # same level: the higher lower end of the exact interval, whatever the AUC
-    metrics = {"ez_score": score(0.59, low=0.03), "loss": score(0.55, low=0.04)}
-    assert strongest(metrics) == ("loss", "tpr_at_0_1pct_fpr")
+    scores = typed({"ez_score": score(0.59, low=0.03), "loss": score(0.55, low=0.04)})
+    assert strongest(scores) == ("loss", "tpr_at_0_1pct_fpr")
     # same level and interval: the AUC
-    metrics = {"ez_score": score(0.52, low=0.03), "loss": score(0.55, low=0.03)}
-    assert strongest(metrics) == ("loss", "tpr_at_0_1pct_fpr")
+    scores = typed({"ez_score": score(0.52, low=0.03), "loss": score(0.55, low=0.03)})
+    assert strongest(scores) == ("loss", "tpr_at_0_1pct_fpr")
     # nothing resolved: the AUC
-    metrics = {"ez_score": score(0.55, 50), "loss": score(0.52, 50)}
-    assert strongest(metrics) == ("ez_score", None)
+    scores = typed({"ez_score": score(0.55, 50), "loss": score(0.52, 50)})
+    assert strongest(scores) == ("ez_score", None)
 
 
 # --- counts and insufficient ---------------------------------------------------------------
@@ -145,13 +152,13 @@ def test_strongest_by_level_then_interval_low_end_then_auc():
 
 def test_insufficient_names_every_unscored_status_and_the_fix():
     counts = dict.fromkeys(EZ_STATUSES, 0) | {EZ_OK: 5, "too_short": 3, "empty": 2}
-    assert insufficient(19, 40, counts) == {
+    assert insufficient(19, 40, counts).dump() == {
         "level": "insufficient",
         "text": "Too few scored rows for a verdict: 19 members and 40 non-members were scored "
         "(ez_status ok); a verdict needs at least 20 of each. Not scored: 2 empty, 3 "
         "too_short. Add rows, or raise --max-length when rows are too_few_errors or too_short.",
     }
-    assert "Not scored: none. Add rows" in insufficient(20, 0, {EZ_OK: 20})["text"]
+    assert "Not scored: none. Add rows" in insufficient(20, 0, {EZ_OK: 20}).text
     assert insufficient(20, 20, {}) is None
 
 
@@ -175,15 +182,15 @@ def test_skipped_scores_say_why():
         ["ok"] * 4,
         {"loss": nan, "min_k_pp": nan, "zlib": [1.0, float("nan"), 2.0, float("nan")]},
     )
-    metrics, skipped = leakage_metrics(scores, 0, 0)
+    found, skipped = leakage_metrics(scores, 0, 0)
     assert skipped == {
         "loss": "no finite values",
         "min_k_pp": "no finite values (it needs the full next-token distribution, which the "
         "backend does not provide)",
         "zlib": "needs both members and non-members among scored rows",
     }
-    assert set(metrics) == {"ez_score", "ref_ratio", "min_k"}
-    assert metrics["ez_score"]["n"] == 4 and metrics["ez_score"]["auc"] == 0.5
+    assert set(found) == {"ez_score", "ref_ratio", "min_k"}
+    assert found["ez_score"].n == 4 and found["ez_score"].auc == 0.5
 
 
 def test_metrics_and_bound_use_the_given_rounds_and_seed():
@@ -191,21 +198,22 @@ def test_metrics_and_bound_use_the_given_rounds_and_seed():
     members = np.r_[np.ones(150, bool), np.zeros(150, bool)]
     values = members * 0.3 + rng.random(300)
     scores = table(members.tolist(), ["ok"] * 300, {"ez_score": values})
-    metrics, _ = leakage_metrics(scores, 40, 5)
-    assert metrics["ez_score"] == labelled_metrics(members, values, 40, 5)
-    assert metrics["ez_score"]["auc_ci95"] != labelled_metrics(members, values, 40, 6)["auc_ci95"]
+    ez = leakage_metrics(scores, 40, 5)[0]["ez_score"]
+    assert ez.dump() == labelled_metrics(members, values, 40, 5)
+    assert ez.auc_ci95 != labelled_metrics(members, values, 40, 6)["auc_ci95"]
     found = build_summary(scores, mode="leakage", bootstrap_rounds=40, seed=5, detection=None)
-    assert found["metrics"]["ez_score"] == metrics["ez_score"]
-    assert found["privacy"] == privacy_bound(scores, list(found["metrics"]), 1e-5, None, 5)
-    assert found["privacy"] != privacy_bound(scores, list(found["metrics"]), 1e-5, None, 6)
+    assert found.metrics["ez_score"] == ez
+    assert found.privacy == privacy_bound(scores, list(found.metrics), 1e-5, None, 5)
+    assert found.privacy != privacy_bound(scores, list(found.metrics), 1e-5, None, 6)
 
 
 # --- warnings, privacy, detection ----------------------------------------------------------
 
 
-def blind_summary(blind: dict | None, attack_auc: float = 0.8) -> dict:
-    metrics = {"ez_score": score(attack_auc)}
-    return {"metrics": metrics, "verdict": {"score": "ez_score"}, "blind_baseline": blind}
+def blind_summary(blind: dict | None, attack_auc: float = 0.8) -> SummaryData:
+    blind = blind and BlindBaseline(**{"n": 400, **blind})
+    verdict = {"level": "low", "text": "", "score": "ez_score"}
+    return data(metrics={"ez_score": score(attack_auc)}, verdict=verdict, blind_baseline=blind)
 
 
 def test_blind_baseline_warning_word_for_word():
@@ -231,12 +239,14 @@ def test_blind_baseline_warning_share_is_capped_and_interval_optional():
 
 
 def test_privacy_text_with_and_without_a_claim():
-    bound = {"score": "ref_ratio", "epsilon_lower_bound": 1.234, "delta": 1e-5, "confidence": 0.95}
-    assert privacy_text(bound) == (
+    figures = {"score": "ref_ratio", "epsilon_lower_bound": 1.234, "delta": 1e-5,
+               "confidence": 0.95, "threshold": 0.5, "tp": 1, "n_members": 2, "fp": 0,
+               "n_nonmembers": 2}  # fmt: skip
+    assert privacy_text(PrivacyBound(**figures)) == (
         "Empirical privacy: the Reference ratio attack refutes any epsilon below 1.23 at delta "
         "1e-05 with 95% confidence, assuming members were chosen at random."
     )
-    claimed = {**bound, "claimed_epsilon": 8.0, "claim": "not refuted"}
+    claimed = PrivacyBound(**figures, claimed_epsilon=8.0, claim="not refuted")
     assert privacy_text(claimed).endswith(
         "assuming members were chosen at random. The claimed epsilon 8 is not refuted."
     )
@@ -249,7 +259,7 @@ def test_the_bound_uses_the_given_delta_and_seed():
     scores = table(members.tolist(), ["ok"] * 600, {"ez_score": values})
     for delta, seed in ((1e-3, 0), (1e-5, 7)):
         expected = audit_epsilon(members, {"ez_score": values}, delta=delta, seed=seed)
-        assert privacy_bound(scores, ["ez_score"], delta, None, seed) == expected
+        assert privacy_bound(scores, ["ez_score"], delta, None, seed).dump() == expected
     assert audit_epsilon(members, {"ez_score": values}, seed=7) != audit_epsilon(
         members, {"ez_score": values}, seed=0
     )
@@ -262,10 +272,10 @@ def test_a_missing_label_counts_as_a_non_member_in_metrics_and_bound():
     labels = [True] * 300 + [None] * 300
     scores = table(labels, ["ok"] * 600, values)
     assert scored_counts(scores) == (300, 300)
-    metrics, _ = leakage_metrics(scores, 0, 0)
-    assert metrics["ez_score"]["n_nonmembers"] == 300 and metrics["ez_score"]["auc"] == 1.0
+    ez = leakage_metrics(scores, 0, 0)[0]["ez_score"]
+    assert ez.n_nonmembers == 300 and ez.auc == 1.0
     bound = privacy_bound(scores, ["ez_score"], 1e-5, None, 0)
-    assert bound == audit_epsilon(members, values, delta=1e-5, seed=0)
+    assert bound.dump() == audit_epsilon(members, values, delta=1e-5, seed=0)
 
 
 def test_a_claim_equal_to_the_bound_is_not_refuted():
@@ -273,11 +283,11 @@ def test_a_claim_equal_to_the_bound_is_not_refuted():
     members = np.r_[np.ones(300, bool), np.zeros(300, bool)]
     scores = table(members.tolist(), ["ok"] * 600, {"ez_score": members + rng.random(600)})
     bound = privacy_bound(scores, ["ez_score"], 1e-5, None, 0)
-    assert "claim" not in bound and "claimed_epsilon" not in bound
-    at = privacy_bound(scores, ["ez_score"], 1e-5, bound["epsilon_lower_bound"], 0)
-    assert (at["claim"], at["claimed_epsilon"]) == ("not refuted", bound["epsilon_lower_bound"])
-    below = np.nextafter(bound["epsilon_lower_bound"], 0)
-    assert privacy_bound(scores, ["ez_score"], 1e-5, below, 0)["claim"] == "refuted"
+    assert "claim" not in bound.dump() and "claimed_epsilon" not in bound.dump()
+    at = privacy_bound(scores, ["ez_score"], 1e-5, bound.epsilon_lower_bound, 0)
+    assert (at.claim, at.claimed_epsilon) == ("not refuted", bound.epsilon_lower_bound)
+    below = np.nextafter(bound.epsilon_lower_bound, 0)
+    assert privacy_bound(scores, ["ez_score"], 1e-5, below, 0).claim == "refuted"
 
 
 DETECTION = {"fpr": 0.01, "threshold": 1.0, "n_calibration": 1000}
@@ -285,13 +295,15 @@ DETECTION = {"fpr": 0.01, "threshold": 1.0, "n_calibration": 1000}
 
 def test_detection_verdict_word_for_word_at_the_chance_boundary():
     """Chance flags up to 3 of 100 at 1% (the binomial 97.5% quantile): 3 is no evidence."""
-    assert detection_verdict(DETECTION, 3, 100) == {
+    found = Detection(**DETECTION, n_flagged=3, n_candidates=100)
+    assert detection_verdict(found).dump() == {
         "level": "no evidence",
         "text": "3 of 100 candidates score above the EZ threshold that 1.00% of 1000 known "
         "non-members exceed: no more than the 3 chance alone would flag; no evidence that the "
         "candidates include training records.",
     }
-    assert detection_verdict(DETECTION, 4, 100) == {
+    found.n_flagged = 4
+    assert detection_verdict(found).dump() == {
         "level": "members likely",
         "text": "4 of 100 candidates score above the EZ threshold that 1.00% of 1000 known "
         "non-members exceed: more than the 3 chance alone would flag, so the candidates likely "
@@ -304,18 +316,20 @@ def test_build_summary_in_detection_and_scores_only_modes():
         "flagged", pa.array([True, False, True, False])
     )
     found = build_summary(scores, mode="detection", bootstrap_rounds=0, seed=0, detection=DETECTION)
-    assert found["mode"] == "detection" and found["n_rows"] == 4
-    assert found["status_counts"] == dict.fromkeys(EZ_STATUSES, 0) | {"ok": 3, "empty": 1}
-    assert found["detection"] == {**DETECTION, "n_flagged": 2, "n_candidates": 4}
-    assert found["verdict"] == detection_verdict(DETECTION, 2, 4)
+    assert found.mode == "detection" and found.n_rows == 4
+    assert found.status_counts == dict.fromkeys(EZ_STATUSES, 0) | {"ok": 3, "empty": 1}
+    assert found.detection.dump() == {**DETECTION, "n_flagged": 2, "n_candidates": 4}
+    assert found.verdict == detection_verdict(Detection(**DETECTION, n_flagged=2, n_candidates=4))
     none = scores.set_column(scores.num_columns - 1, "flagged", pa.array([False] * 4))
     found = build_summary(none, mode="detection", bootstrap_rounds=0, seed=0, detection=DETECTION)
-    assert found["detection"]["n_flagged"] == 0
-    assert found["verdict"]["text"].startswith("0 of 4 candidates score above")
+    assert found.detection.n_flagged == 0
+    assert found.verdict.text.startswith("0 of 4 candidates score above")
     unknown = {"level": "unknown", "text": "Scores only: no labels to judge by."}
     for mode, detection in (("scores", None), ("detection", None)):
         only = build_summary(scores, mode=mode, bootstrap_rounds=0, seed=0, detection=detection)
-        assert only["verdict"] == unknown and "metrics" not in only and "detection" not in only
+        written = only.dump()
+        assert written["verdict"] == unknown and "metrics" not in written
+        assert "detection" not in written
 
 
 def test_build_summary_of_a_leakage_audit_carries_privacy_and_warnings():
@@ -323,21 +337,21 @@ def test_build_summary_of_a_leakage_audit_carries_privacy_and_warnings():
     members = np.r_[np.ones(300, bool), np.zeros(300, bool)]
     scores = table(members.tolist(), ["ok"] * 600, {"ez_score": members + rng.random(600)})
     found = build_summary(scores, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
-    assert found["blind_baseline"] is None and found["verdict"]["warnings"] == []
-    assert found["metrics_skipped"] == {}
-    assert found["verdict"]["privacy"] == privacy_text(found["privacy"])
-    assert found["privacy"]["score"] in found["metrics"] and "claim" not in found["privacy"]
+    assert found.blind_baseline is None and found.verdict.warnings == []
+    assert found.metrics_skipped == {}
+    assert found.verdict.privacy == privacy_text(found.privacy)
+    assert found.privacy.score in found.metrics and "claim" not in found.privacy.dump()
     few = build_summary(table([True, False], ["ok", "ok"]), mode="leakage", bootstrap_rounds=0,
                         seed=0, detection=None)  # fmt: skip
-    assert few["verdict"]["level"] == "insufficient" and "privacy" not in few
+    assert few.verdict.level == "insufficient" and "privacy" not in few.dump()
 
 
 # --- policy ---------------------------------------------------------------------------------
 
 
-def leaky(**scores: dict) -> dict:
-    metrics = {"ez_score": score(0.5), **scores}
-    return {"mode": "leakage", "metrics": metrics, "verdict": verdict(metrics)}
+def leaky(**scores: dict) -> SummaryData:
+    figures = typed({"ez_score": score(0.5), **scores})
+    return data(metrics=figures, verdict=verdict(figures))
 
 
 def test_default_thresholds_are_the_high_verdict_limits_on_ez():
@@ -350,16 +364,17 @@ def test_default_thresholds_are_the_high_verdict_limits_on_ez():
 
 
 def test_judge_without_ez_metrics_names_the_mode():
-    assert judge({"mode": "scores"}, Thresholds()).breaches == [
+    assert judge(data(mode="scores"), Thresholds()).breaches == [
         "no EZ leakage metrics (mode scores): the policy needs members and nonmembers"
     ]
-    assert judge({}, Thresholds()).breaches == [
-        "no EZ leakage metrics (mode None): the policy needs members and nonmembers"
+    assert judge(data(mode="leakage"), Thresholds()).breaches == [
+        "no EZ leakage metrics (mode leakage): the policy needs members and nonmembers"
     ]
 
 
 def test_judge_of_a_score_not_measured_says_why():
-    summary = {**leaky(), "metrics_skipped": {"min_k_pp": "no finite values"}}
+    summary = leaky()
+    summary.metrics_skipped = {"min_k_pp": "no finite values"}
     judged = judge(summary, Thresholds(score="min_k_pp"))
     assert (judged.verdict, judged.breaches) == (
         "fail",

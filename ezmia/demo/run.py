@@ -22,11 +22,13 @@ from pathlib import Path
 
 import yaml
 
-from ezmia.data import storage
+from ezmia.data import outputs, storage
 from ezmia.demo.build import DEMO_CORPUS, DEMO_COUNTS, DemoArtifacts, build_demo_artifacts
 from ezmia.demo.train import DEMO_SIZES
 from ezmia.fleet.index import report_location, today
 from ezmia.plan.models import default_cache_dir
+from ezmia.report.model import Summary, SummaryData
+from ezmia.stats.metrics import FPR_POINTS
 from ezmia.stats.scores import SCORES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,7 +117,7 @@ def _rate(value: float | None) -> str:
     return f"{value:.1%}" if value is not None else "n/r"
 
 
-def table(summaries: dict[str, dict]) -> str:
+def table(summaries: dict[str, SummaryData]) -> str:
     """The paper's table in miniature: every registered score (``scores.SCORES``, in its
     order), full fine-tune vs LoRA; then each audit's blind (text-only) baseline and its
     empirical epsilon bound."""
@@ -130,9 +132,9 @@ def table(summaries: dict[str, dict]) -> str:
     for column, score in SCORES.items():
         row = f"{score.label:<{first}}"
         for summary in summaries.values():
-            m = summary["metrics"].get(column)
+            m = summary.metrics.get(column)
             values = (
-                (f"{m['auc']:.3f}", _rate(m["tpr_at_1pct_fpr"]), _rate(m["tpr_at_0_1pct_fpr"]))
+                (f"{m.auc:.3f}", *(_rate(getattr(m, point)) for point in FPR_POINTS))
                 if m
                 else ("n/a", "", "")
             )
@@ -141,18 +143,15 @@ def table(summaries: dict[str, dict]) -> str:
     lines.append("-" * len(lines[1]))
     blind_row, epsilon_row = f"{'blind AUC':<{first}}", f"{'epsilon >':<{first}}"
     for summary in summaries.values():
-        blind = summary.get("blind_baseline")
-        low, high = (blind or {}).get("auc_ci95") or (None, None)
+        blind, bound = summary.blind_baseline, summary.privacy
+        low, high = (blind and blind.auc_ci95) or (None, None)
         blind_cell = (
-            f"{blind['auc']:.3f}" + (f" [{low:.2f}-{high:.2f}]" if low is not None else "")
+            f"{blind.auc:.3f}" + (f" [{low:.2f}-{high:.2f}]" if low is not None else "")
             if blind
             else "n/a"
         )
-        bound = summary.get("privacy")
         epsilon_cell = (
-            f"{bound['epsilon_lower_bound']:.2f} ({SCORES[bound['score']].label})"
-            if bound
-            else "n/a"
+            f"{bound.epsilon_lower_bound:.2f} ({SCORES[bound.score].label})" if bound else "n/a"
         )
         blind_row += f" | {blind_cell:<{width}}"
         epsilon_row += f" | {epsilon_cell:<{width}}"
@@ -160,31 +159,29 @@ def table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def headline(summaries: dict[str, dict]) -> str:
+def headline(summaries: dict[str, SummaryData]) -> str:
     """EZ's TPR on each fine-tune at the lowest FPR the non-members resolve, with its exact
     interval; then each audit's verdict."""
-    from ezmia.stats.metrics import FPR_POINTS
-
     lines = []
-    ez = {name: s["metrics"].get("ez_score") for name, s in summaries.items()}
-    resolved = [p for p in FPR_POINTS if all(m and p in m["operating_points"] for m in ez.values())]
+    ez = {name: s.metrics.get("ez_score") for name, s in summaries.items()}
+    resolved = [p for p in FPR_POINTS if all(m and p in m.operating_points for m in ez.values())]
     if resolved:
         point = min(resolved, key=FPR_POINTS.get)
-        n = min(m["n_nonmembers"] for m in ez.values())
+        n = min(m.n_nonmembers for m in ez.values())
         found = []
         for name, m in ez.items():
-            at = m["operating_points"][point]
-            low, high = at["tpr_exact_ci95"]
-            found.append(f"{at['tpr']:.1%} of {name}'s ({low:.1%}-{high:.1%})")
+            at = m.operating_points[point]
+            low, high = at.tpr_exact_ci95
+            found.append(f"{at.tpr:.1%} of {name}'s ({low:.1%}-{high:.1%})")
         lines.append(
             f"At {FPR_POINTS[point]:.1%} false positives (the lowest rate {n} non-members "
             f"resolve), {SCORES['ez_score'].label} identifies {' vs '.join(found)} "
             "training records (exact 95% intervals)."
         )
     for name, summary in summaries.items():
-        verdict = summary["verdict"]
-        lines.append(f"{name}: {verdict['level'].upper()}: {verdict['text']}")
-        lines += [f"  warning: {w}" for w in verdict.get("warnings", [])]
+        verdict = summary.verdict
+        lines.append(f"{name}: {verdict.level.upper()}: {verdict.text}")
+        lines += [f"  warning: {w}" for w in verdict.warnings]
     return "\n".join(lines)
 
 
@@ -211,8 +208,8 @@ def run_demo(out: str, data_uri: str | None) -> int:
     summaries = {}
     for audit in spec["audits"]:
         location = report_location(out, audit["name"], date)
-        summaries[audit["name"]] = json.loads(
-            storage.read_bytes(storage.join(location, "summary.json"))
+        summaries[audit["name"]] = Summary.model_validate(
+            json.loads(storage.read_bytes(storage.join(location, outputs.SUMMARY)))
         )
     print()
     print(table(summaries))
@@ -221,7 +218,7 @@ def run_demo(out: str, data_uri: str | None) -> int:
     print()
     local_dir = Path("demo-out")
     for name in summaries:
-        report = storage.join(report_location(out, name, date), "report.html")
+        report = storage.join(report_location(out, name, date), outputs.REPORT)
         copy = local_dir / f"{name}.html"
         copy.parent.mkdir(exist_ok=True)
         copy.write_bytes(storage.read_bytes(report))

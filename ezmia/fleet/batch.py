@@ -30,7 +30,7 @@ from pydantic import Field
 
 from ezmia.audit import audit
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
-from ezmia.data import storage
+from ezmia.data import outputs, storage
 from ezmia.errors import EzmiaError, InputError
 from ezmia.fleet import index
 from ezmia.plan.planner import use_ray
@@ -164,8 +164,8 @@ def run_one(config: AuditConfig, root: str, date: str) -> Outcome:
     except Exception as err:  # a bug or a library failure: the other audits go on
         log.error("audit %s failed", name, exc_info=err)
         return Outcome(name, error=_describe(err))
-    report = storage.join(result.out, "report.html")
-    level = result.summary["verdict"]["level"]
+    report = storage.join(result.out, outputs.REPORT)
+    level = result.summary.verdict.level
     try:
         row = index.index_row(result, index.dataset_label(config))
         encryption = config.encryption

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from ezmia.audit import AuditResult
 from ezmia.config import AuditConfig
-from ezmia.data import storage
+from ezmia.data import outputs, storage
 from ezmia.data.schema import SCHEMA_VERSION, index_schema
 from ezmia.stats.metrics import METRICS
 from ezmia.stats.scores import SCORES
@@ -43,35 +43,38 @@ def dataset_label(config: AuditConfig) -> str:
 
 def index_row(result: AuditResult, dataset: str) -> dict:
     """The index row of one finished audit."""
-    summary = result.summary
+    summary, models = result.summary, result.summary.models
+    blind, privacy = summary.blind_baseline, summary.privacy
+    low, high = (blind and blind.auc_ci95) or [None, None]
     row: dict = {
         "audited_at": dt.datetime.now(dt.timezone.utc),
-        "checkpoint": summary["name"],
-        "target": summary["models"]["target"],
-        "reference": summary["models"]["reference"],
-        "target_is_adapter": summary["models"]["target_is_adapter"],
-        "target_fingerprint": summary["models"]["fingerprints"].get("target"),
+        "checkpoint": summary.name,
+        "target": models.target,
+        "reference": models.reference,
+        "target_is_adapter": models.target_is_adapter,
+        "target_fingerprint": models.fingerprints.get("target"),
         "dataset": dataset,
-        "mode": summary["mode"],
-        "n": summary["n_rows"],
-        "n_ok": summary["status_counts"].get("ok", 0),
-        "backend": summary["backend"]["name"],
-        "verdict": summary["verdict"]["level"],
-        "verdict_score": summary["verdict"].get("score"),
-        "epsilon_lower_bound": (summary.get("privacy") or {}).get("epsilon_lower_bound"),
-        "report_uri": storage.join(result.out, "report.html"),
+        "mode": summary.mode,
+        "n": summary.n_rows,
+        "n_ok": summary.status_counts.get("ok", 0),
+        "backend": summary.backend.name,
+        "verdict": summary.verdict.level,
+        "verdict_score": summary.verdict.score,
+        "epsilon_lower_bound": privacy and privacy.epsilon_lower_bound,
+        "report_uri": storage.join(result.out, outputs.REPORT),
         "schema_version": SCHEMA_VERSION,
+        "blind_auc": blind and blind.auc,
+        "blind_auc_lo": low,
+        "blind_auc_hi": high,
+        "blind_distinguishable": blind and blind.distinguishable,
     }
-    blind = summary.get("blind_baseline") or {}
-    low, high = blind.get("auc_ci95") or [None, None]
-    row.update(blind_auc=blind.get("auc"), blind_auc_lo=low, blind_auc_hi=high,
-               blind_distinguishable=blind.get("distinguishable"))  # fmt: skip
     for score in SCORES:
-        values = summary.get("metrics", {}).get(score, {})
+        values = summary.metrics.get(score)
         for metric in METRICS:
             name = f"{score}_{metric}"
-            low, high = values.get(f"{metric}_ci95") or [None, None]
-            row.update({name: values.get(metric), f"{name}_lo": low, f"{name}_hi": high})
+            low, high = (values and getattr(values, f"{metric}_ci95")) or [None, None]
+            row.update({name: values and getattr(values, metric), f"{name}_lo": low,
+                        f"{name}_hi": high})  # fmt: skip
     return row
 
 

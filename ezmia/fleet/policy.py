@@ -20,8 +20,9 @@ from pydantic import Field, create_model, field_validator
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
 from ezmia.data import storage
 from ezmia.errors import InputError
+from ezmia.report.model import SummaryData
 from ezmia.report.summary import VERDICT_RULES, exceeds
-from ezmia.stats.metrics import METRICS, bounded_value
+from ezmia.stats.metrics import METRICS
 
 SET_BY_SCAN = ("target", "out", "name", "overwrite")
 # Safety and privacy switches, encryption and where the audit runs or writes: only the
@@ -177,40 +178,39 @@ class Judgement:
     breaches: list[str]
 
 
-def judge(summary: dict, thresholds: Thresholds) -> Judgement:
+def judge(summary: SummaryData, thresholds: Thresholds) -> Judgement:
     """Pass when every limited metric of the policy's score (or of every score, for ``any``)
     is within its limit (the verdict's boundary rule, ``exceeds``). A TPR at a rate the
     non-members cannot resolve is judged by its upper bound, the TPR at the lowest rate they
     do resolve: it passes only when that bound is within the limit. Fails without labelled
     metrics or with too few scored rows."""
-    level = summary.get("verdict", {}).get("level")
-    if level == "insufficient":
-        return Judgement("fail", [f"insufficient: {summary['verdict']['text']}"])
-    metrics = summary.get("metrics", {})
-    if not metrics.get("ez_score"):
+    if summary.verdict.level == "insufficient":
+        return Judgement("fail", [f"insufficient: {summary.verdict.text}"])
+    metrics = summary.metrics
+    if "ez_score" not in metrics:
         return Judgement(
             "fail",
-            [f"no EZ leakage metrics (mode {summary.get('mode')}): the policy needs "
+            [f"no EZ leakage metrics (mode {summary.mode}): the policy needs "
              "members and nonmembers"],
         )  # fmt: skip
     names = list(metrics) if thresholds.score == "any" else [thresholds.score]
     if thresholds.score != "any" and thresholds.score not in metrics:
-        skipped = summary.get("metrics_skipped", {}).get(thresholds.score, "not a score")
+        skipped = summary.metrics_skipped.get(thresholds.score, "not a score")
         return Judgement("fail", [f"score {thresholds.score!r} was not measured ({skipped})"])
     breaches = []
     for name in names:
         label = "EZ" if name == "ez_score" else name
         for metric in METRICS:
             limit = getattr(thresholds, f"max_{metric}")
-            value = bounded_value(metrics[name], metric)
+            value = metrics[name].bounded(metric)
             if limit is None or not exceeds(value, limit):
                 continue
-            unresolved = metrics[name].get("unresolved", {}).get(metric)
+            unresolved = metrics[name].unresolved.get(metric)
             if unresolved:
                 breaches.append(
-                    f"{label} {metric} cannot be measured with {metrics[name]['n_nonmembers']} "
-                    f"non-members (needs {unresolved['needs_nonmembers']}) and its bound, the "
-                    f"TPR at FPR {unresolved['upper_bound_at_fpr']:.2%}, is {value:.4f} > "
+                    f"{label} {metric} cannot be measured with {metrics[name].n_nonmembers} "
+                    f"non-members (needs {unresolved.needs_nonmembers}) and its bound, the "
+                    f"TPR at FPR {unresolved.upper_bound_at_fpr:.2%}, is {value:.4f} > "
                     f"max_{metric} {limit:g}: add non-members or lift the limit"
                 )
             else:

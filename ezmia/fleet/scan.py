@@ -33,6 +33,8 @@ from ezmia.fleet.index import dataset_label, index_row, report_location, today, 
 from ezmia.fleet.ledger import Ledger
 from ezmia.fleet.policy import Policy, Thresholds, judge, load_policy, read_options
 from ezmia.fleet.registry import SIDECAR, Checkpoint, discover
+from ezmia.report.model import Summary
+from ezmia.stats.metrics import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +95,8 @@ def carried_over(previous: dict, thresholds: Thresholds) -> dict:
         return row  # no leakage metrics to judge again: the earlier verdict stands
     summary_uri = storage.join(previous["report_uri"].rsplit("/", 1)[0], outputs.SUMMARY)
     try:
-        summary = outputs.read_json(summary_uri)
-    except (OSError, ValueError, EzmiaError) as err:
+        summary = Summary.model_validate(outputs.read_json(summary_uri))
+    except (OSError, ValueError, EzmiaError) as err:  # ValueError: pydantic's too
         reason = f"{summary_uri}: the earlier audit's summary is unreadable ({describe(err)})"
         return row | {"verdict": "fail", "reason": f"{row['reason']}; {reason}"}
     judgement = judge(summary, thresholds)
@@ -132,19 +134,17 @@ def run_audit(scan: Scan, ckpt: Checkpoint, config: AuditConfig) -> dict:
         return ledger_row(scan, ckpt, "failed", reason=describe(err),
                           duration_s=time.perf_counter() - started)  # fmt: skip
     judgement = judge(result.summary, scan.policy.thresholds_for(ckpt.name))
-    ez = result.summary.get("metrics", {}).get("ez_score", {})
-    level = result.summary["verdict"]["level"]
+    ez = result.summary.metrics.get("ez_score")
+    level = result.summary.verdict.level
     return ledger_row(
         scan,
         ckpt,
         "failed" if level == "insufficient" else "audited",
         reason="; ".join(judgement.breaches) or None,
-        report_uri=storage.join(result.out, "report.html"),
+        report_uri=storage.join(result.out, outputs.REPORT),
         verdict=judgement.verdict,
         leakage=level,
-        ez_auc=ez.get("auc"),
-        ez_tpr_at_1pct_fpr=ez.get("tpr_at_1pct_fpr"),
-        ez_tpr_at_0_1pct_fpr=ez.get("tpr_at_0_1pct_fpr"),
+        **{f"ez_{metric}": getattr(ez, metric) if ez else None for metric in METRICS},
         duration_s=time.perf_counter() - started,
     )
 

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ezmia.report.model import MetricsBase, Summary
 from ezmia.stats.metrics import FPR_POINTS, METRICS, metric_label, point_metrics, roc
 from ezmia.stats.scores import (
     EZ_EMPTY,
@@ -39,7 +40,6 @@ HIST_BINS = 40
 HIST_CLIP_PERCENTILE = 99.0
 EXTRA_COLORS = ("#17becf", "#e377c2", "#7f7f7f", "#bcbd22")  # scores missing from SCORES
 MISSING = "\u2014"  # an em dash where a number is missing
-DETECTION_KEYS = ("fpr", "threshold", "n_flagged", "n_candidates", "n_calibration")
 
 VERDICT_COLORS: dict[str, tuple[str, str]] = {
     "high": ("#b91c1c", "#fdecec"),
@@ -194,32 +194,17 @@ def _plain(value: Any) -> str:
 # ---------------------------------------------------------------- sections as plain values
 
 
-def _verdict(summary: Mapping[str, Any]) -> dict[str, Any]:
+def _verdict(summary: Summary) -> dict[str, Any]:
     """The verdict box: level, colours, text, warnings and the privacy line."""
-    verdict = summary.get("verdict") or {}
-    level = str(verdict.get("level", "unknown"))
-    fg, bg = VERDICT_COLORS.get(level, VERDICT_COLORS["unknown"])
-    return {
-        "title": "Detection" if summary.get("mode") == "detection" else "Leakage risk",
-        "level": level,
-        "fg": fg,
-        "bg": bg,
-        "text": verdict.get("text") or "No verdict was produced for this run.",
-        "warnings": verdict.get("warnings", []),
-        "privacy": verdict.get("privacy"),
-    }
+    verdict = summary.verdict
+    fg, bg = VERDICT_COLORS.get(verdict.level, VERDICT_COLORS["unknown"])
+    title = "Detection" if summary.mode == "detection" else "Leakage risk"
+    return {"title": title, "fg": fg, "bg": bg, **verdict.model_dump()}
 
 
-def _statuses(summary: Mapping[str, Any], table: pa.Table) -> list[tuple[str, int, str, str]]:
-    """``(status, rows, share, meaning)``: from the summary, else counted from the table."""
-    counts = summary.get("status_counts")
-    if isinstance(counts, Mapping) and counts:
-        counts = {str(k): int(v) for k, v in counts.items()}
-    elif "ez_status" in table.column_names:
-        values = pc.value_counts(table.column("ez_status")).to_pylist()
-        counts = {str(v["values"]): int(v["counts"]) for v in values}
-    else:
-        counts = {}
+def _statuses(summary: Summary) -> list[tuple[str, int, str, str]]:
+    """``(status, rows, share, meaning)`` of every EZ status counted."""
+    counts = summary.status_counts
     total = sum(counts.values()) or 1
     order = [s for s in EZ_STATUSES if s in counts] + sorted(set(counts) - set(EZ_STATUSES))
     return [
@@ -228,21 +213,21 @@ def _statuses(summary: Mapping[str, Any], table: pa.Table) -> list[tuple[str, in
     ]
 
 
-def _metric_cell(m: Mapping[str, Any], name: str) -> dict[str, str]:
+def _metric_cell(m: MetricsBase, name: str) -> dict[str, str]:
     """One metric of one score: value, bootstrap interval, and for a TPR at a rate the
     non-members cannot resolve, "n/r" with the non-members it needs and its upper bound."""
-    unresolved = (m.get("unresolved") or {}).get(name)
+    unresolved = m.unresolved.get(name)
     if unresolved:
         return {
             "text": "n/r",
             "ci": "",
-            "note": f"needs {unresolved['needs_nonmembers']} non-members; at most "
-            f"{_fmt_pct(unresolved['upper_bound'])} (the TPR at "
-            f"{_fmt_pct(unresolved['upper_bound_at_fpr'], 2)} FPR)",
+            "note": f"needs {unresolved.needs_nonmembers} non-members; at most "
+            f"{_fmt_pct(unresolved.upper_bound)} (the TPR at "
+            f"{_fmt_pct(unresolved.upper_bound_at_fpr, 2)} FPR)",
         }
     pct = name != "auc"
-    value = _fmt_pct(m.get(name)) if pct else _fmt(m.get(name))
-    return {"text": value, "ci": _fmt_ci(m.get(f"{name}_ci95"), pct), "note": ""}
+    value = _fmt_pct(getattr(m, name)) if pct else _fmt(getattr(m, name))
+    return {"text": value, "ci": _fmt_ci(getattr(m, f"{name}_ci95"), pct), "note": ""}
 
 
 def _ordered(metrics: Mapping[str, Any]) -> list[str]:
@@ -250,21 +235,21 @@ def _ordered(metrics: Mapping[str, Any]) -> list[str]:
     return [c for c in SCORES if c in metrics] + sorted(set(metrics) - set(SCORES))
 
 
-def _metrics(summary: Mapping[str, Any]) -> dict[str, Any]:
+def _metrics(summary: Summary) -> dict[str, Any]:
     """The attack-performance section: one row per score, operating points, skipped scores
     and the blind baseline."""
-    metrics = summary.get("metrics") or {}
+    metrics = summary.metrics
     order = _ordered(metrics)
-    rows = [(_label(c), [_metric_cell(metrics[c], n) for n in METRICS], metrics[c].get("n", ""))
+    rows = [(_label(c), [_metric_cell(metrics[c], n) for n in METRICS], metrics[c].n)
             for c in order]  # fmt: skip
     points = [(_label(c), f"{100 * FPR_POINTS[name]:g}%", at) for c in order
-              for name, at in (metrics[c].get("operating_points") or {}).items()]  # fmt: skip
+              for name, at in metrics[c].operating_points.items()]  # fmt: skip
     return {
         "heads": [metric_label(name) for name in METRICS],
         "rows": rows,
         "points": points,
-        "skipped": [(_label(str(c)), r) for c, r in (summary.get("metrics_skipped") or {}).items()],
-        "blind": summary.get("blind_baseline"),
+        "skipped": [(_label(c), r) for c, r in summary.metrics_skipped.items()],
+        "blind": summary.blind_baseline,
     }
 
 
@@ -314,12 +299,10 @@ def _review(table: pa.Table) -> dict[str, Any] | None:
     return {"count": len(idx), **_records(table.take(idx[:TOP_N]), show_status=True)}
 
 
-def _run_details(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+def _run_details(summary: Summary) -> list[tuple[str, str]]:
     """Backend and timings."""
-    backend = summary.get("backend") or {}
-    rows = [("backend", backend.get("name", "?")), ("backend choice", backend.get("reason", ""))]
-    for key, value in (summary.get("timings") or {}).items():
-        rows.append((f"time: {key}", f"{float(value):.1f} s" if _is_num(value) else str(value)))
+    rows = [("backend", summary.backend.name), ("backend choice", summary.backend.reason)]
+    rows += [(f"time: {key}", f"{value:.1f} s") for key, value in summary.timings.items()]
     return rows
 
 
@@ -334,7 +317,7 @@ def _points(xs: np.ndarray, ys: np.ndarray) -> str:
     return " ".join(f"{x:g},{y:g}" for x, y in pts[keep])
 
 
-def _roc(table: pa.Table, metrics: Mapping[str, Any]) -> dict[str, Any] | None:
+def _roc(table: pa.Table, metrics: Mapping[str, MetricsBase]) -> dict[str, Any] | None:
     """ROC curves of every score with finite values in both classes, log-scale FPR axis from
     FPR_MIN to 1, as chart coordinates; None when no score has a curve."""
     labels, valid = _bool_column(table, "is_member")
@@ -355,7 +338,7 @@ def _roc(table: pa.Table, metrics: Mapping[str, Any]) -> dict[str, Any] | None:
         if y.all() or not y.any():
             continue
         fpr, tpr = roc(y, score[mask])
-        auc = (metrics.get(column) or {}).get("auc")
+        auc = metrics[column].auc if column in metrics else None
         curves.append({
             "label": _label(column),
             "color": _color(column, len(curves)),
@@ -455,33 +438,32 @@ def _ez_series(table: pa.Table, mode: str) -> list[tuple[str, np.ndarray, str]]:
 # ---------------------------------------------------------------- entry point
 
 
-def render_report(summary: dict, scores: pa.Table) -> str:
+def render_report(summary: Summary, scores: pa.Table) -> str:
     """One self-contained HTML document auditing a run from its summary and score table.
 
     Pure: no I/O. Texts appear only when ``scores`` has a ``text`` column.
     """
-    mode = summary.get("mode", "scores")
+    mode, detection = summary.mode, summary.detection
     labelled = mode == "leakage" and "is_member" in scores.column_names
-    detection = summary.get("detection") or {}
     histogram = None
     if labelled or mode != "leakage":
-        threshold = detection.get("threshold") if mode == "detection" else None
+        threshold = detection.threshold if detection else None
         histogram = _histogram(_ez_series(scores, mode), threshold, density=mode != "detection")
-    config = _flatten(summary.get("config") or {})
+    config = _flatten(summary.config)
     return TEMPLATES.get_template("report.html.j2").render(
-        name=summary.get("name") or "unnamed run",
-        n_rows=summary.get("n_rows", scores.num_rows),
+        name=summary.name,
+        n_rows=summary.n_rows,
         mode=mode,
         verdict=_verdict(summary),
-        models=_flatten(summary.get("models") or {}),
+        models=_flatten(summary.models.dump()),
         essentials=[(k, v) for k, v in config if ESSENTIAL_KEY.search(k)],
         config=config,
-        statuses=_statuses(summary, scores),
-        scores=[SCORES[c] for c in _ordered(summary.get("metrics") or {}) if c in SCORES],
+        statuses=_statuses(summary),
+        scores=[SCORES[c] for c in _ordered(summary.metrics) if c in SCORES],
         metrics=_metrics(summary) if mode == "leakage" else None,
         labelled=labelled,
-        roc=_roc(scores, summary.get("metrics") or {}) if labelled else None,
-        detection={k: detection.get(k) for k in DETECTION_KEYS} if mode == "detection" else None,
+        roc=_roc(scores, summary.metrics) if labelled else None,
+        detection=detection,
         histogram=histogram,
         top=_top_records(scores),
         review=_review(scores),

@@ -1,25 +1,27 @@
 """Re-rendering an audit's summary and report from its scores (``ezmia report OUT``).
 
 Everything is read and checked before anything is written: an output without ``_SUCCESS``,
-a missing or broken ``summary.json`` (not JSON, no valid ``config``), or scores that are
-missing, unreadable, lack a column the summary needs or disagree with the summary's row count
-are refused with one line naming the file, and ``OUT`` is left as it was.
+a missing or broken ``summary.json`` (not JSON, no valid ``config``, metadata that is not a
+``Summary``'s), or scores that are missing, unreadable, lack a column the summary needs or
+disagree with the summary's row count are refused with one line naming the file, and ``OUT``
+is left as it was.
 """
 
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from ezmia.config import AuditConfig, parse_model
 from ezmia.data import outputs, storage
 from ezmia.errors import EzmiaError, OutputError
 from ezmia.report.html import render_report
+from ezmia.report.model import Summary, SummaryData
 from ezmia.report.summary import build_summary
 from ezmia.stats.scores import SCORE_COLUMNS
 
@@ -29,7 +31,7 @@ RERUN = "rerun the audit (ezmia audit ... --overwrite) to write it again"
 
 def summarize(
     config: AuditConfig, scores: pa.Table, detection: dict | None, blind: dict | None
-) -> dict:
+) -> SummaryData:
     """The summary's data part of an audit with this configuration, from its score columns
     (``blind``: the blind baseline, which only the texts can give)."""
     return build_summary(
@@ -44,9 +46,9 @@ def summarize(
     )
 
 
-def publish(write: Callable[[str, bytes], object], summary: dict, scores: pa.Table) -> None:
+def publish(write: Callable[[str, bytes], object], summary: Summary, scores: pa.Table) -> None:
     """Write ``summary.json`` and ``report.html`` through ``write(name, data)``."""
-    write(outputs.SUMMARY, json.dumps(summary, indent=2, default=str).encode())
+    write(outputs.SUMMARY, summary.to_json())
     write(outputs.REPORT, render_report(summary, scores).encode())
 
 
@@ -68,12 +70,20 @@ def rerender(out: str) -> str:
             f"records {recorded}: the scores are incomplete or mixed with another run's; {RERUN}"
         )
     blind = summary.get("blind_baseline")  # from the texts, which scores never hold
-    summary.update(summarize(config, scores, detection, blind))
+    try:  # what the scores do not give (metadata, unknown keys) is kept as it was
+        data = summarize(config, scores, detection, blind).dump()
+        typed = Summary.model_validate({**summary, **data})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise OutputError(
+            f"{summary_uri}: not a valid summary ({where}: {first['msg']}); {RERUN}"
+        ) from err
     encryption = config.encryption
     with outputs.locked(out, "ezmia report", encryption):
         publish(
             lambda name, data: storage.write_bytes(storage.join(out, name), data, encryption),
-            summary,
+            typed,
             scores,
         )
     return storage.join(out, outputs.REPORT)

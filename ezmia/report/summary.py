@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ezmia.report.model import Detection, PrivacyBound, ScoreMetrics, SummaryData, Verdict
 from ezmia.stats.epsilon import DELTA, audit_epsilon
 from ezmia.stats.metrics import FPR_POINTS, labelled_metrics, min_nonmembers
 from ezmia.stats.scores import EZ_OK, EZ_STATUSES, SCORES
@@ -44,10 +45,10 @@ def _column(scores: pa.Table, name: str) -> np.ndarray:
 
 def leakage_metrics(
     scores: pa.Table, bootstrap_rounds: int, seed: int
-) -> tuple[dict[str, dict], dict[str, str]]:
+) -> tuple[dict[str, ScoreMetrics], dict[str, str]]:
     """Metrics of every score column against ``is_member``; and why any score was skipped."""
     labels = scores.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
-    metrics: dict[str, dict] = {}
+    metrics: dict[str, ScoreMetrics] = {}
     skipped: dict[str, str] = {}
     for name, score in SCORES.items():
         values = _column(scores, name)
@@ -63,7 +64,7 @@ def leakage_metrics(
         if len(kinds) < 2:
             skipped[name] = "needs both members and non-members among scored rows"
             continue
-        metrics[name] = labelled_metrics(labels, values, bootstrap_rounds, seed)
+        metrics[name] = ScoreMetrics(**labelled_metrics(labels, values, bootstrap_rounds, seed))
     return metrics, skipped
 
 
@@ -75,37 +76,38 @@ def scored_counts(scores: pa.Table) -> tuple[int, int]:
     return counts[0] or 0, counts[1] or 0
 
 
-def insufficient(members: int, nonmembers: int, status_counts: dict[str, int]) -> dict | None:
+def insufficient(members: int, nonmembers: int, status_counts: dict[str, int]) -> Verdict | None:
     """The "insufficient" verdict when too few rows were scored to support one, else None."""
     if members >= MIN_SCORED_MEMBERS and nonmembers >= MIN_SCORED_NONMEMBERS:
         return None
     unscored = ", ".join(f"{n} {s}" for s, n in status_counts.items() if s != EZ_OK and n)
-    return {
-        "level": "insufficient",
-        "text": f"Too few scored rows for a verdict: {members} members and {nonmembers} "
+    return Verdict(
+        level="insufficient",
+        text=f"Too few scored rows for a verdict: {members} members and {nonmembers} "
         f"non-members were scored (ez_status ok); a verdict needs at least "
         f"{MIN_SCORED_MEMBERS} of each. Not scored: {unscored or 'none'}. Add rows, or raise "
         "--max-length when rows are too_few_errors or too_short.",
-    }
+    )
 
 
 LEVELS = ("low", "moderate", "high")
 
 
-def score_level(metrics: dict) -> str:
+def score_level(metrics: ScoreMetrics) -> str:
     """One score's leakage level: the first rule whose resolved metric exceeds its limit."""
+    values = {key: getattr(metrics, key) for _, key, _ in VERDICT_RULES}
     exceeded = (lvl for lvl, key, limit in VERDICT_RULES
-                if metrics.get(key) is not None and exceeds(metrics[key], limit))  # fmt: skip
+                if values[key] is not None and exceeds(values[key], limit))  # fmt: skip
     return next(exceeded, "low")
 
 
-def lowest_resolved(metrics: dict[str, dict]) -> str | None:
+def lowest_resolved(metrics: dict[str, ScoreMetrics]) -> str | None:
     """The FPR point (of ``FPR_POINTS``) with the lowest rate the non-members resolve."""
-    resolved = [name for name in FPR_POINTS if name in metrics["ez_score"]["operating_points"]]
+    resolved = [name for name in FPR_POINTS if name in metrics["ez_score"].operating_points]
     return min(resolved, key=FPR_POINTS.get, default=None)
 
 
-def strongest(metrics: dict[str, dict]) -> tuple[str, str | None]:
+def strongest(metrics: dict[str, ScoreMetrics]) -> tuple[str, str | None]:
     """The score a defender must assume an attacker uses, and the FPR point it is judged at:
     the highest level, then the highest lower end of the exact TPR interval at the lowest
     resolved FPR (the AUC where no FPR is resolved)."""
@@ -113,79 +115,78 @@ def strongest(metrics: dict[str, dict]) -> tuple[str, str | None]:
 
     def strength(name: str) -> tuple:
         m = metrics[name]
-        at = m["operating_points"].get(point) if point else None
-        return LEVELS.index(score_level(m)), at["tpr_exact_ci95"][0] if at else m["auc"], m["auc"]
+        at = m.operating_points.get(point) if point else None
+        return LEVELS.index(score_level(m)), at.tpr_exact_ci95[0] if at else m.auc, m.auc
 
     return max(metrics, key=strength), point
 
 
-def verdict(metrics: dict[str, dict]) -> dict[str, object]:
+def verdict(metrics: dict[str, ScoreMetrics]) -> Verdict:
     """A plain-language verdict from the strongest attack, at the lowest false-positive rate
     the data resolves, with EZ's own figures beside it."""
     if "ez_score" not in metrics:
-        return {"level": "unknown", "text": "No labelled EZ metrics: leakage cannot be judged."}
+        return Verdict(level="unknown", text="No labelled EZ metrics: leakage cannot be judged.")
     best, point = strongest(metrics)
     level = score_level(metrics[best])
     m, ez = metrics[best], metrics["ez_score"]
-    n = ez["n_nonmembers"]
+    n = ez.n_nonmembers
     if point:
-        at = m["operating_points"][point]
-        low, high = at["tpr_exact_ci95"]
+        at = m.operating_points[point]
+        low, high = at.tpr_exact_ci95
         found = (
             f"At {FPR_POINTS[point]:.1%} false positives (the lowest rate {n} non-members "
-            f"resolve) the strongest attack, {SCORES[best].label}, identifies {at['tpr']:.1%} "
+            f"resolve) the strongest attack, {SCORES[best].label}, identifies {at.tpr:.1%} "
             f"of the training records (exact 95% interval {low:.1%}-{high:.1%}; "
-            f"AUC {m['auc']:.3f})."
+            f"AUC {m.auc:.3f})."
         )
         if best != "ez_score":
-            found += f" EZ: {ez['operating_points'][point]['tpr']:.1%}, AUC {ez['auc']:.3f}."
+            found += f" EZ: {ez.operating_points[point].tpr:.1%}, AUC {ez.auc:.3f}."
     else:
         needs = ", ".join(f"{f:.1%} needs {min_nonmembers(f)}" for f in FPR_POINTS.values())
         found = (
             f"{n} non-members resolve none of the reported false-positive rates ({needs}): "
-            f"the strongest attack, {SCORES[best].label}, reaches AUC {m['auc']:.3f}"
-            + (f" (EZ {ez['auc']:.3f})." if best != "ez_score" else ".")
+            f"the strongest attack, {SCORES[best].label}, reaches AUC {m.auc:.3f}"
+            + (f" (EZ {ez.auc:.3f})." if best != "ez_score" else ".")
         )
     advice = {
         "high": "The checkpoint leaks its training data: do not release it as is.",
         "moderate": "The checkpoint leaks measurably: review before release.",
         "low": "Little measurable leakage with these attacks and data.",
     }[level]
-    return {
-        "level": level,
-        "text": f"{advice} {found}",
-        "score": best,
-        "fpr": FPR_POINTS[point] if point else None,
-    }
+    fpr = FPR_POINTS[point] if point else None
+    return Verdict(level=level, text=f"{advice} {found}", score=best, fpr=fpr)
 
 
 def privacy_bound(
     scores: pa.Table, names: list[str], delta: float, claimed_epsilon: float | None, seed: int
-) -> dict | None:
+) -> PrivacyBound | None:
     """The empirical epsilon lower bound of the strongest attack among the scores ``names``
     (chosen on held-out rows) and, given a claimed epsilon, whether the audit refutes it."""
     labels = scores.column("is_member").to_numpy(zero_copy_only=False).astype(bool)
     values = {name: _column(scores, name) for name in names}
-    bound = audit_epsilon(labels, values, delta=delta, seed=seed)
-    if bound is not None and claimed_epsilon is not None:
-        bound["claimed_epsilon"] = claimed_epsilon
-        refuted = bound["epsilon_lower_bound"] > claimed_epsilon
-        bound["claim"] = "refuted" if refuted else "not refuted"
+    found = audit_epsilon(labels, values, delta=delta, seed=seed)
+    if found is None:
+        return None
+    bound = PrivacyBound(**found)
+    if claimed_epsilon is not None:
+        bound.claimed_epsilon = claimed_epsilon
+        refuted = bound.epsilon_lower_bound > claimed_epsilon
+        bound.claim = "refuted" if refuted else "not refuted"
     return bound
 
 
-def warnings(summary: dict) -> list[str]:
+def warnings(summary: SummaryData) -> list[str]:
     """What a reviewer must know before trusting the verdict: a split the texts alone tell
     apart, and how much of the attack's advantage that explains."""
-    blind, found = summary.get("blind_baseline"), []
-    if blind and blind["distinguishable"]:
-        low, high = blind["auc_ci95"] or [blind["auc"], blind["auc"]]
-        attack = summary["metrics"][summary["verdict"]["score"]]["auc"]
-        share = (blind["auc"] - 0.5) / (attack - 0.5) if attack > 0.5 else 1.0
+    blind, found = summary.blind_baseline, []
+    if blind and blind.distinguishable:
+        low, high = blind.auc_ci95 or [blind.auc, blind.auc]
+        attack = summary.metrics[summary.verdict.score].auc
+        share = (blind.auc - 0.5) / (attack - 0.5) if attack > 0.5 else 1.0
         found.append(
             f"The member and non-member texts are told apart without the model (blind text "
-            f"classifier AUC {blind['auc']:.2f}, 95% interval {low:.2f}-{high:.2f}, above "
-            f"{blind['limit']}): the split itself differs (source, date, style), so every "
+            f"classifier AUC {blind.auc:.2f}, 95% interval {low:.2f}-{high:.2f}, above "
+            f"{blind.limit}): the split itself differs (source, date, style), so every "
             f"leakage figure here is inflated by it. The blind classifier already has "
             f"{min(share, 1.0):.0%} of the strongest attack's advantage over chance (AUC "
             f"{attack:.2f}). Draw members and non-members from the same distribution."
@@ -193,32 +194,39 @@ def warnings(summary: dict) -> list[str]:
     return found
 
 
-def privacy_text(bound: dict) -> str:
+def privacy_text(bound: PrivacyBound) -> str:
     """The epsilon bound in plain words, with its assumption."""
     text = (
-        f"Empirical privacy: the {SCORES[bound['score']].label} attack refutes any epsilon below "
-        f"{bound['epsilon_lower_bound']:.2f} at delta {bound['delta']:g} with "
-        f"{bound['confidence']:.0%} confidence, assuming members were chosen at random."
+        f"Empirical privacy: the {SCORES[bound.score].label} attack refutes any epsilon below "
+        f"{bound.epsilon_lower_bound:.2f} at delta {bound.delta:g} with "
+        f"{bound.confidence:.0%} confidence, assuming members were chosen at random."
     )
-    if "claim" in bound:
-        text += f" The claimed epsilon {bound['claimed_epsilon']:g} is {bound['claim']}."
+    if bound.claim:
+        text += f" The claimed epsilon {bound.claimed_epsilon:g} is {bound.claim}."
     return text
 
 
-def detection_verdict(detection: dict, n_flagged: int, n_candidates: int) -> dict:
+def detection_verdict(detection: Detection) -> Verdict:
     """How many candidates the calibrated threshold flags, against what chance alone would:
     the non-members' rate ``fpr`` flags up to its binomial 97.5% quantile."""
     from scipy.stats import binom
 
-    chance = int(binom.ppf(0.975, n_candidates, detection["fpr"]))
+    n_flagged, n_candidates = detection.n_flagged, detection.n_candidates
+    chance = int(binom.ppf(0.975, n_candidates, detection.fpr))
     share = f"{n_flagged} of {n_candidates} candidates score above the EZ threshold that " + (
-        f"{detection['fpr']:.2%} of {detection['n_calibration']} known non-members exceed"
+        f"{detection.fpr:.2%} of {detection.n_calibration} known non-members exceed"
     )
     if n_flagged > chance:
-        return {"level": "members likely", "text": f"{share}: more than the {chance} chance "
-                "alone would flag, so the candidates likely include training records."}  # fmt: skip
-    return {"level": "no evidence", "text": f"{share}: no more than the {chance} chance alone "
-            "would flag; no evidence that the candidates include training records."}  # fmt: skip
+        return Verdict(
+            level="members likely",
+            text=f"{share}: more than the {chance} chance "
+            "alone would flag, so the candidates likely include training records.",
+        )
+    return Verdict(
+        level="no evidence",
+        text=f"{share}: no more than the {chance} chance alone "
+        "would flag; no evidence that the candidates include training records.",
+    )
 
 
 def build_summary(
@@ -231,37 +239,25 @@ def build_summary(
     blind: dict | None = None,
     delta: float = DELTA,
     claimed_epsilon: float | None = None,
-) -> dict:
+) -> SummaryData:
     """The summary's data part; ``detection`` holds the threshold in detection mode,
     ``blind`` the blind baseline of a leakage audit's split."""
-    summary: dict = {
-        "mode": mode,
-        "n_rows": scores.num_rows,
-        "status_counts": status_counts(scores),
-    }
+    counts = status_counts(scores)
+    common = {"mode": mode, "n_rows": scores.num_rows, "status_counts": counts}
     if mode == "leakage":
-        summary["metrics"], summary["metrics_skipped"] = leakage_metrics(
-            scores, bootstrap_rounds, seed
-        )
-        counts = summary["status_counts"]
-        summary["verdict"] = insufficient(*scored_counts(scores), counts) or verdict(
-            summary["metrics"]
-        )
-        summary["blind_baseline"] = blind
-        if summary["verdict"].get("score"):
-            bound = privacy_bound(scores, list(summary["metrics"]), delta, claimed_epsilon, seed)
-            summary["privacy"] = bound
-            summary["verdict"]["warnings"] = warnings(summary)
-            if bound:
-                summary["verdict"]["privacy"] = privacy_text(bound)
-    elif mode == "detection" and detection is not None:
+        metrics, skipped = leakage_metrics(scores, bootstrap_rounds, seed)
+        found = insufficient(*scored_counts(scores), counts) or verdict(metrics)
+        summary = SummaryData(**common, metrics=metrics, metrics_skipped=skipped, verdict=found,
+                              blind_baseline=blind)  # fmt: skip
+        if found.score:
+            summary.privacy = privacy_bound(scores, list(metrics), delta, claimed_epsilon, seed)
+            summary.verdict.warnings = warnings(summary)
+            if summary.privacy:
+                summary.verdict.privacy = privacy_text(summary.privacy)
+        return summary
+    if mode == "detection" and detection is not None:
         n_flagged = int(pc.sum(scores.column("flagged")).as_py() or 0)
-        summary["detection"] = {
-            **detection,
-            "n_flagged": n_flagged,
-            "n_candidates": scores.num_rows,
-        }
-        summary["verdict"] = detection_verdict(detection, n_flagged, scores.num_rows)
-    else:
-        summary["verdict"] = {"level": "unknown", "text": "Scores only: no labels to judge by."}
-    return summary
+        found = Detection(**{**detection, "n_flagged": n_flagged, "n_candidates": scores.num_rows})
+        return SummaryData(**common, detection=found, verdict=detection_verdict(found))
+    unknown = Verdict(level="unknown", text="Scores only: no labels to judge by.")
+    return SummaryData(**common, verdict=unknown)
