@@ -59,7 +59,7 @@ def timed_audit(config) -> dict:
 
     started = time.perf_counter()
     result = audit(config)
-    return {"seconds": time.perf_counter() - started, "timings": result.summary["timings"]}
+    return {"seconds": time.perf_counter() - started, "timings": result.summary.timings}
 
 
 def run_engines(args: argparse.Namespace, work: Path) -> tuple[dict[str, list[dict]], float]:

@@ -164,7 +164,7 @@ def sized_audit(args: argparse.Namespace, models, data: str, out: Path, engine: 
 
     return {
         "seconds": seconds,
-        "timings": result.summary["timings"],
+        "timings": result.summary.timings,
         "driver": memory.stop(),
         "object_store_peak_mb": store.peak / 2**20,
         "object_store_spilled_mb": store.spilled / 2**20,
