@@ -3,14 +3,16 @@ insufficient audits, and sidecar keys only the operator may set."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
 
 from ezmia.errors import InputError
 from ezmia.fleet.policy import METRICS, OPERATOR_ONLY, Policy, Thresholds, judge, read_options
-from ezmia.report.model import SummaryData
+from ezmia.report.model import Summary, SummaryData
 from ezmia.report.summary import VERDICT_RULES, verdict
 from tests.factories import data, metrics
 
@@ -101,3 +103,18 @@ def test_sidecar_of_ordinary_options_is_read(tmp_path):
                                               "ray": {"rows_per_block": 8}}))  # fmt: skip
     assert options["members"] == [str((tmp_path / "m.parquet").resolve())]
     assert options["ray"] == {"rows_per_block": 8}
+
+
+def test_a_summary_of_an_older_ezmia_is_judged_again_by_todays_policy():
+    """A nightly scan re-judges unchanged checkpoints from their stored summary.json; those
+    written before operating points were recorded lack ``n_nonmembers`` and bounds."""
+    old = json.loads((Path(__file__).parent / "summary_json" / "leakage.json").read_text())
+    for figures in old["metrics"].values():
+        for key in ("n_nonmembers", "operating_points", "unresolved"):
+            del figures[key]
+        figures |= {"auc": 0.7, "tpr_at_1pct_fpr": 0.02, "tpr_at_0_1pct_fpr": 0.004}
+    summary = Summary.model_validate(old)
+    ez = summary.metrics["ez_score"]
+    assert ez.n_nonmembers == old["metrics"]["ez_score"]["n"] - ez.n_members
+    assert judge(summary, Thresholds(max_auc=0.7)).verdict == "pass"
+    assert judge(summary, Thresholds(max_auc=0.69)).breaches[0] == "EZ auc 0.7000 > max_auc 0.69"

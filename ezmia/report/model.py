@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, create_model, model_validator
 
 from ezmia.stats.metrics import FPR_POINTS
 
@@ -72,6 +72,14 @@ class MetricsBase(Record):
     auc_ci95: Interval | None = None
     operating_points: dict[str, OperatingPoint] = {}
     unresolved: dict[str, Unresolved] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _count_nonmembers(cls, data: Any) -> Any:
+        """Older summaries record ``n`` and ``n_members`` only: the rest are non-members."""
+        if isinstance(data, dict) and "n_nonmembers" not in data and "n" in data:
+            return {**data, "n_nonmembers": data["n"] - data.get("n_members", 0)}
+        return data
 
     def bounded(self, metric: str) -> float | None:
         """The metric; for a TPR at a rate the non-members cannot resolve, the TPR at the
