@@ -150,3 +150,38 @@ def test_model_stages_request_their_gpus_and_the_driver_never_reads_weights(
             rtol=1e-6,
             err_msg=score.column,
         )
+
+
+def test_detection_on_ray_flags_the_same_candidates_as_the_local_engine(
+    gpu_cluster, models, tmp_path
+):
+    """Detection on Ray: the calibration non-members are scored but never written, and every
+    candidate's ``flagged`` (added after scoring, where the parts are written) equals the local
+    engine's, with the same threshold and parts schema."""
+    import ray
+
+    settings = dict(
+        target=str(models.full),
+        reference=str(models.base),
+        data=[str(models.members)],
+        calibration=[str(models.nonmembers)],
+        id_column="id",
+        fpr=0.05,
+        max_length=64,
+    )
+    ray_config = dict(address=gpu_cluster.address, rows_per_block=16)
+    try:
+        remote = audit_module.audit(
+            AuditConfig(out=str(tmp_path / "ray"), engine="ray", ray=ray_config, **settings)
+        )
+    finally:
+        ray.shutdown()
+    local = audit_module.audit(AuditConfig(out=str(tmp_path / "local"), **settings))
+    on_ray = pq.read_table(tmp_path / "ray" / "scores").sort_by("id")
+    here = pq.read_table(tmp_path / "local" / "scores").sort_by("id")
+    assert on_ray.schema.equals(here.schema)
+    assert on_ray.num_rows == pq.read_table(models.members).num_rows
+    assert remote.summary.detection.threshold == pytest.approx(local.summary.detection.threshold)
+    assert remote.summary.detection.n_calibration == local.summary.detection.n_calibration
+    assert on_ray.column("flagged").to_pylist() == here.column("flagged").to_pylist()
+    assert remote.summary.detection.n_flagged == sum(here.column("flagged").to_pylist()) > 0
