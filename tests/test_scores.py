@@ -144,7 +144,8 @@ def test_ez_counts_zero_shifts_as_errors_but_in_neither_sum():
     assert (result.score, result.status, result.n_errors) == (1.0, EZ_OK, 3)
 
 
-def test_ez_whose_sums_overflow_is_non_finite_not_infinite():
+@pytest.mark.filterwarnings("error")  # the overflow is expected: no RuntimeWarning in users' logs
+def test_ez_whose_sums_overflow_is_non_finite_not_infinite_and_warns_nothing():
     # Two shifts of +1e308 sum to inf; the one negative shift is finite.
     lp_t, lp_r = [0.0, 0.0, 0.0, -1.0], [0.0, -1e308, -1e308, 0.0]
     result = ez_score(stats(lp_t, lp_r, [False] * 4), n_tokens=5)
