@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from ezmia.report.model import ScoreMetrics
 from ezmia.stats.metrics import (
     FPR_POINTS,
     bootstrap_intervals,
-    bounded_value,
     detection_threshold,
     exact_interval,
     labelled_metrics,
@@ -223,9 +223,9 @@ def test_a_tpr_the_non_members_cannot_resolve_is_null_with_an_upper_bound(hand_r
     }
     assert m["tpr_at_1pct_fpr"] == pytest.approx(0.7, abs=1e-12)
     assert len(m["tpr_at_1pct_fpr_ci95"]) == 2
-    assert bounded_value(m, "tpr_at_0_1pct_fpr") == pytest.approx(0.6, abs=1e-12)
-    assert bounded_value(m, "tpr_at_1pct_fpr") == pytest.approx(0.7, abs=1e-12)
-    assert bounded_value(m, "auc") == pytest.approx(0.7975, abs=1e-12)
+    assert ScoreMetrics(**m).bounded("tpr_at_0_1pct_fpr") == pytest.approx(0.6, abs=1e-12)
+    assert ScoreMetrics(**m).bounded("tpr_at_1pct_fpr") == pytest.approx(0.7, abs=1e-12)
+    assert ScoreMetrics(**m).bounded("auc") == pytest.approx(0.7975, abs=1e-12)
     assert set(m["operating_points"]) == {"tpr_at_1pct_fpr"}
 
 
@@ -237,7 +237,7 @@ def test_one_percent_fpr_is_resolved_from_exactly_100_non_members(n_nonmembers, 
     assert (m["tpr_at_1pct_fpr"] is not None) == resolved
     assert ("tpr_at_1pct_fpr" in m["unresolved"]) == (not resolved)
     assert ("tpr_at_1pct_fpr" in m["operating_points"]) == resolved
-    assert bounded_value(m, "tpr_at_1pct_fpr") == pytest.approx(2 / 3, abs=1e-12)
+    assert ScoreMetrics(**m).bounded("tpr_at_1pct_fpr") == pytest.approx(2 / 3, abs=1e-12)
 
 
 def test_operating_points_flag_scores_strictly_above_the_threshold(hand_roc_1000):
@@ -295,4 +295,5 @@ def test_metric_labels_name_the_rate():
 
 
 def test_bounded_value_of_metrics_without_unresolved_rates_is_the_metric():
-    assert bounded_value({"auc": 0.5, "tpr_at_1pct_fpr": 0.25}, "tpr_at_1pct_fpr") == 0.25
+    m = ScoreMetrics(n=2, n_members=1, auc=0.5, tpr_at_1pct_fpr=0.25)
+    assert m.bounded("tpr_at_1pct_fpr") == 0.25

@@ -99,13 +99,6 @@ def labelled_metrics(
     return out
 
 
-def bounded_value(metrics: dict, name: str) -> float | None:
-    """A score's metric ``name``; for a TPR at a rate its non-members cannot resolve, the TPR
-    at the lowest rate they do (an upper bound: ROC curves never fall)."""
-    unresolved = metrics.get("unresolved", {}).get(name)
-    return unresolved["upper_bound"] if unresolved else metrics.get(name)
-
-
 def detection_threshold(calibration_scores: np.ndarray, fpr: float) -> float:
     """The score above which a known non-member falls with probability ``fpr``."""
     finite = calibration_scores[np.isfinite(calibration_scores)]
