@@ -232,3 +232,14 @@ def test_keys_this_version_does_not_know_are_kept():
     written["verdict"] |= {"signed_off": False}
     written["metrics"]["loss"] |= {"tpr_at_5pct_fpr": 0.25}
     assert Summary.model_validate(written).dump() == written
+
+
+def test_a_leakage_summary_keeps_its_layout_and_names_each_skipped_score():
+    table = leakage_table(200, 1000, strong="ez_score")
+    nan = pa.array(np.full(table.num_rows, np.nan))
+    table = table.set_column(table.schema.get_field_index("min_k_pp"), "min_k_pp", nan)
+    written = build_summary(table, mode="leakage", bootstrap_rounds=0, seed=0, detection=None)
+    before = json.loads((LAYOUTS / "data_resolved.json").read_bytes())
+    assert list(written.dump()) == list(before)
+    assert written.metrics_skipped == before["metrics_skipped"]
+    assert "min_k_pp" not in written.metrics

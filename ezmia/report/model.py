@@ -29,7 +29,7 @@ class Record(BaseModel):
 
     def to_json(self) -> bytes:
         """As ``summary.json`` writes it."""
-        return json.dumps(self.dump(), indent=2, default=str).encode()
+        return json.dumps(self.dump(), indent=2).encode()
 
 
 class Verdict(Record):
