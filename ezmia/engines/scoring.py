@@ -31,6 +31,7 @@ from ezmia.data.schema import scores_schema
 from ezmia.data.text import tokenize
 from ezmia.errors import ModelError
 from ezmia.plan.models import ModelPlan, adapter_base, resolve_model_dir
+from ezmia.stats.metrics import detection_threshold
 from ezmia.stats.scores import score_sequence
 
 TOKEN_COLUMNS = ("input_ids", "truncated", "zlib_size", "text_sha256")
@@ -140,6 +141,13 @@ def score_rows(rows: pa.Table, include_text: bool) -> pa.Table:
         if name in schema.names:
             columns[name] = rows.column(name)
     return pa.table({f.name: columns.get(f.name, []) for f in schema}, schema=schema)
+
+
+def calibrate(calibration: pa.Table, fpr: float) -> dict:
+    """Detection's record from the calibration non-members' score columns: the EZ threshold
+    that ``fpr`` of them exceed, and how many there were."""
+    ez = calibration.column("ez_score").to_numpy(zero_copy_only=False)
+    return {"fpr": fpr, "threshold": detection_threshold(ez, fpr), "n_calibration": len(ez)}
 
 
 def add_flagged(scores: pa.Table, threshold: float | None) -> pa.Table:
