@@ -68,7 +68,7 @@ def check_engine(config: AuditConfig) -> None:
     """Refuse what the engine cannot run (a cluster's resources, this machine's device)
     before any data is read or model loaded."""
     if use_ray(config):
-        from ezmia.engines.pipeline import connect
+        from ezmia.engines.cluster import connect
 
         connect(config)
     else:

@@ -240,7 +240,7 @@ def test_actor_requests_are_checked_against_whole_alive_nodes():
     """A GPU cluster's shapes (the loopback cluster in test_ray_job.py has no GPUs): an actor
     must fit on one alive node, CPUs and GPUs together."""
     from ezmia.config import RayOptions
-    from ezmia.engines.pipeline import check_resources
+    from ezmia.engines.cluster import check_resources
     from ezmia.errors import InputError
 
     cluster = [_node(8, 1), _node(8, 1), _node(32), _node(64, 8, alive=False)]
@@ -268,7 +268,7 @@ def test_gpu_requests_fit_autoscaling_node_types_scaled_to_zero():
     """A GPU worker group scaled to zero still hosts GPU actors once the autoscaler starts a
     node; only when no node type can host one is it refused (naming the types)."""
     from ezmia.config import RayOptions
-    from ezmia.engines.pipeline import check_resources
+    from ezmia.engines.cluster import check_resources
     from ezmia.errors import InputError
 
     head = [_node(0)]  # a head that takes no work; the GPU group has no node yet
@@ -286,7 +286,7 @@ def test_model_stages_ask_for_their_tensor_parallel_size_in_gpus_on_gpu_clusters
     a cluster with GPUs, none on a CPU cluster; a LoRA target's one stage follows the target;
     an explicit ``--ray-gpus-per-actor`` applies to every stage."""
     from ezmia.config import AuditConfig
-    from ezmia.engines.pipeline import stage_gpus
+    from ezmia.engines.cluster import stage_gpus
 
     def config(target: Path, **ray) -> AuditConfig:
         return AuditConfig(

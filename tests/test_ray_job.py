@@ -259,7 +259,7 @@ def test_requests_the_cluster_cannot_host_are_refused_before_data_and_actor_erro
     from ray.exceptions import RayError
 
     from ezmia.cli import main
-    from ezmia.engines.pipeline import cluster_error
+    from ezmia.engines.cluster import cluster_error
     from ezmia.errors import EzmiaError, InputError
     from tests.conftest import audit_args
 

@@ -105,7 +105,7 @@ def plan_batch(path: str) -> tuple[BatchConfig, list[AuditConfig]]:
 def footprint(config: AuditConfig, cluster_has_gpus: bool) -> tuple[float, float]:
     """CPUs and GPUs an audit's actors hold with every model stage's pool at ``max_actors``
     (a full target: target and reference stages; a LoRA target: one shared base stage)."""
-    from ezmia.engines.pipeline import stage_gpus
+    from ezmia.engines.cluster import stage_gpus
 
     gpus = stage_gpus(config, cluster_has_gpus)
     actors = config.ray.max_actors
@@ -134,7 +134,7 @@ def join_cluster(configs: list[AuditConfig]) -> dict[str, float] | None:
         return None
     import ray
 
-    from ezmia.engines.pipeline import connect
+    from ezmia.engines.cluster import connect
 
     with contextlib.suppress(EzmiaError):  # the first Ray audit reports it as its own failure
         connect(on_ray[0])
