@@ -1,4 +1,4 @@
-"""The loopback check that tests/test_ray_job.py applies to ezmia's Ray jobs can fail: it
+"""The loopback check that tests/engines/test_ray_job.py applies to ezmia's Ray jobs can fail: it
 tells loopback addresses from every other kind ``ss`` prints. (What the harness itself
 starts, moto and the local Ray cluster, is exercised by every S3 and Ray test of ezmia.)"""
 

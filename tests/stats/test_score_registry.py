@@ -17,7 +17,7 @@ from ezmia.fleet.index import index_row, write_index
 from ezmia.report.html import render_report
 from ezmia.stats.scores import SCORES, TokenStats, register, score_sequence
 from tests.conftest import audit_args
-from tests.test_schema import leakage_summary
+from tests.data.test_schema import leakage_summary
 
 
 @pytest.fixture

@@ -108,7 +108,7 @@ def test_sidecar_of_ordinary_options_is_read(tmp_path):
 def test_a_summary_of_an_older_ezmia_is_judged_again_by_todays_policy():
     """A nightly scan re-judges unchanged checkpoints from their stored summary.json; those
     written before operating points were recorded lack ``n_nonmembers`` and bounds."""
-    old = json.loads((Path(__file__).parent / "summary_json" / "leakage.json").read_text())
+    old = json.loads((Path(__file__).parents[1] / "summary_json" / "leakage.json").read_text())
     for figures in old["metrics"].values():
         for key in ("n_nonmembers", "operating_points", "unresolved"):
             del figures[key]

@@ -1,7 +1,7 @@
 """Datasets, exactly: every refusal of ``ezmia.data.datasets`` word for word (what is wrong
 and how to fix it), file row numbers in every row group of a file, the "every file is empty"
 check per dataset, planning reads that never touch the texts, and the text, label and id
-conversions. Local files only; the S3 paths run in test_io.py."""
+conversions. Local files only; the S3 paths run in test_datasets.py."""
 
 from __future__ import annotations
 
@@ -370,7 +370,7 @@ def test_first_member_and_nonmember_sharing_a_value():
     assert member_and_nonmember(nulls_only, "v") is None
 
 
-# --- bucket paths (pure path logic; listing and reading objects runs in test_io.py) --------
+# --- bucket paths (pure path logic; listing and reading objects runs in test_datasets.py) --------
 
 
 def test_paths_below_a_bucket_root_and_side_files():

@@ -216,7 +216,7 @@ def test_detection_says_whether_more_candidates_are_flagged_than_chance_would():
     assert likely.level == "members likely" and "30 of 100 candidates" in likely.text
 
 
-LAYOUTS = Path(__file__).parent / "summary_json"  # written by ezmia at commit efb63a9
+LAYOUTS = Path(__file__).parents[1] / "summary_json"  # written by ezmia at commit efb63a9
 
 
 @pytest.mark.parametrize("path", sorted(LAYOUTS.glob("*.json")), ids=lambda p: p.stem)
