@@ -146,7 +146,7 @@ def score_rows(rows: pa.Table, include_text: bool) -> pa.Table:
 def calibrate(calibration: pa.Table, fpr: float) -> dict:
     """Detection's record from the calibration non-members' score columns: the EZ threshold
     that ``fpr`` of them exceed, and how many there were."""
-    ez = calibration.column("ez_score").to_numpy(zero_copy_only=False)
+    ez = calibration.column("ez_score").to_numpy()
     return {"fpr": fpr, "threshold": detection_threshold(ez, fpr), "n_calibration": len(ez)}
 
 
