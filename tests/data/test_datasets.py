@@ -154,6 +154,33 @@ def test_a_file_named_by_the_user_is_read_as_given(tmp_path):
     assert plan_fragments([str(empty)], LABELLED) == []  # refused later as "no rows"
 
 
+def test_a_file_named_by_the_user_is_read_as_given_however_its_path_is_written(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    export = _write(tmp_path / "exports" / "members.bin", pa.array([3, 4], pa.int64()))
+    assert dataset_files("./exports/members.bin") == ([str(Path("exports/members.bin"))], True)
+    assert dataset_files(f"{export.parent}//members.bin") == ([str(export)], True)
+
+
+def test_a_dataset_in_a_missing_bucket_is_refused_in_one_line(s3):
+    uri = "s3://no-such-bucket-here/data/"
+    with pytest.raises(InputError) as err:
+        dataset_files(uri)
+    assert str(err.value) == f"{uri}: cannot list: the bucket does not exist"
+
+
+def test_a_prefix_whose_only_object_is_its_own_folder_marker_holds_no_data(s3, bucket):
+    s3.client().put_object(Bucket=bucket, Key="job/", Body=b"")  # the console's "Create folder"
+    uri = f"s3://{bucket}/job/"
+    with pytest.raises(InputError) as err:
+        dataset_files(uri)
+    assert str(err.value) == (
+        f"{uri}: no Parquet files found (expected *.parquet under this path; found e.g. {uri}, "
+        "which Spark, Hadoop or S3 leave beside data)"
+    )
+
+
 SIDE_FILES = [
     ("spark-success", ["_SUCCESS"]),
     ("hadoop-checksum", ["part-0.parquet.crc"]),
