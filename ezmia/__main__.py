@@ -2,6 +2,6 @@
 
 import sys
 
-from ezmia.cli import main
+from ezmia.cli import command
 
-sys.exit(main())
+sys.exit(command())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ezmia.cli import main  # noqa: E402
+from ezmia.cli import command  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["batch", *sys.argv[1:]]))
+    sys.exit(command(["batch", *sys.argv[1:]]))

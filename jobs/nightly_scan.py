@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 try:
-    from ezmia.cli import main
+    from ezmia.cli import command
 except ImportError:  # run from a checkout without ezmia installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from ezmia.cli import main
+    from ezmia.cli import command
 
 if __name__ == "__main__":
-    sys.exit(main(["scan", *sys.argv[1:]]))
+    sys.exit(command(["scan", *sys.argv[1:]]))

@@ -77,3 +77,16 @@ def test_nested_flags_override_yaml_keys_of_their_group_one_by_one(tmp_path):
     parsed = audit_config_from_args(args)
     assert (parsed.ray.max_actors, parsed.ray.cpus_per_actor) == (4, 1.0)
     assert (parsed.vllm.max_num_seqs, parsed.vllm.lora_mode) == (8, "lora_request")
+
+
+def test_the_command_returns_mains_exit_code_with_the_collector_frozen_for_exit(tmp_path, capsys):
+    import gc
+
+    from ezmia.cli import command
+
+    try:
+        assert command(["report", str(tmp_path / "missing")]) == 2
+        assert gc.get_freeze_count() > 0  # the objects of the run are left to the process exit
+    finally:
+        gc.unfreeze()
+    assert capsys.readouterr().err.startswith(f"ezmia: error: {tmp_path / 'missing'}: ")
