@@ -11,6 +11,7 @@ confidence. Pure math, no I/O.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -33,6 +34,7 @@ def epsilon_from_rates(tpr_low: float, fpr_high: float, delta: float) -> float:
     return max(bounds)
 
 
+@functools.lru_cache(maxsize=8192)  # thresholds of one half share few distinct counts
 def epsilon_lower_bound(
     tp: int, n_members: int, fp: int, n_nonmembers: int, delta: float, confidence: float
 ) -> float:
