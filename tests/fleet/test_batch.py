@@ -112,6 +112,15 @@ def test_side_by_side_batch_matches_one_at_a_time_with_one_index_row_each(
         }
 
 
+def four_times_the_eval_set(models, path: Path) -> Path:
+    """The eval set four times over, under new ids: audits long enough to act on mid-run."""
+    rows = pq.read_table(models.eval)
+    ids = rows.column("id").to_pylist()
+    copies = [rows.set_column(0, "id", pa.array([f"{i}-{v}" for v in ids])) for i in range(4)]
+    pq.write_table(pa.concat_tables(copies), path)
+    return path
+
+
 def kill_one_scoring_actor(deadline: float, killed: list[int]) -> None:
     """SIGKILL the first scoring actor of this test run seen scoring (never another
     session's)."""
@@ -132,13 +141,9 @@ def kill_one_scoring_actor(deadline: float, killed: list[int]) -> None:
 def test_a_killed_scoring_actor_leaves_every_audit_complete_or_one_failed_cleanly(
     cluster, models, tmp_path, capsys
 ):
-    rows = pq.read_table(models.eval)
-    big = pa.concat_tables(
-        [rows.set_column(0, "id", pa.array([f"{i}-{v}" for v in rows.column("id").to_pylist()]))
-         for i in range(4)]
-    )  # fmt: skip
-    pq.write_table(big, tmp_path / "big.parquet")
-    defaults = ray_defaults(cluster, models, tmp_path / "big.parquet", 8, batch_size=2)
+    path = four_times_the_eval_set(models, tmp_path / "big.parquet")
+    big = pq.read_table(path)
+    defaults = ray_defaults(cluster, models, path, 8, batch_size=2)
     names = ["full", "lora", "full-again"]
     audits = [
         {"name": n, "target": str(models.lora if n == "lora" else models.full)} for n in names
@@ -209,7 +214,8 @@ def test_a_failing_local_audit_leaves_the_others_indexed_and_exits_1(models, tmp
 def test_an_interrupted_side_by_side_batch_removes_what_its_running_audits_wrote(
     cluster, models, tmp_path
 ):
-    defaults = ray_defaults(cluster, models, models.eval, rows_per_block=8, batch_size=2)
+    big = four_times_the_eval_set(models, tmp_path / "big.parquet")  # scoring when interrupted
+    defaults = ray_defaults(cluster, models, big, 8, batch_size=2)
     names = ["full", "lora"]
     audits = [{"name": n, "target": str(getattr(models, n))} for n in names]
     out = tmp_path / "out"
@@ -218,11 +224,11 @@ def test_an_interrupted_side_by_side_batch_removes_what_its_running_audits_wrote
     def interrupt_when_both_run() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
-            locked = all((location(out, n) / LOCK).exists() for n in names)
-            if locked and any(out.rglob("scores/part-*")):  # both running, one into scoring
+            if all((location(out, n) / LOCK).exists() for n in names):
+                time.sleep(1)  # into scoring
                 signal.pthread_kill(main, signal.SIGINT)  # Ctrl-C, as the CLI gets it
                 return
-            time.sleep(0.02)
+            time.sleep(0.05)
 
     interrupter = threading.Thread(target=interrupt_when_both_run)
     interrupter.start()
