@@ -231,9 +231,14 @@ def test_an_interrupted_side_by_side_batch_removes_what_its_running_audits_wrote
             time.sleep(0.05)
 
     interrupter = threading.Thread(target=interrupt_when_both_run)
+    # Python's own Ctrl-C handler, as the CLI has it (vLLM's tests replace it in this process)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     interrupter.start()
-    with pytest.raises(KeyboardInterrupt):
-        run_batch(write_batch(tmp_path / "b.yaml", out, defaults, audits, max_in_flight=2))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_batch(write_batch(tmp_path / "b.yaml", out, defaults, audits, max_in_flight=2))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     interrupter.join()
     assert [p for p in out.rglob("*") if p.is_file()] == []
     assert not (out / "index").exists()
