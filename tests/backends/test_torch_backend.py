@@ -3,11 +3,13 @@ adapters equal to merged models."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
-from ezmia.backends.torch import TorchBackend
+from ezmia.backends.torch import TorchBackend, length_batches
 from ezmia.data.text import load_tokenizer, tokenize
 from ezmia.plan.models import merged_adapter_dir, plan_models
 from ezmia.stats.scores import score_sequence
@@ -26,6 +28,47 @@ def sequences(models):
 @pytest.fixture(scope="module")
 def full_backend(models):
     return TorchBackend(plan_models(str(models.full), str(models.base)), batch_size=4)
+
+
+def _padded_cost(lengths, batches, overhead):
+    return sum(len(b) * max(lengths[i] for i in b) + overhead for b in batches)
+
+
+def _cheapest_partition(lengths, max_rows, overhead):
+    """Brute force: every split of the longest-first order into runs of at most ``max_rows``."""
+    ordered = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best = None
+    for cuts in itertools.product((False, True), repeat=len(ordered) - 1):
+        bounds = [0, *(i + 1 for i, cut in enumerate(cuts) if cut), len(ordered)]
+        batches = [ordered[a:b] for a, b in itertools.pairwise(bounds)]
+        if max(map(len, batches)) <= max_rows:
+            cost = _padded_cost(lengths, batches, overhead)
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_length_batches_pad_least_for_their_overhead(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 130, int(rng.integers(1, 11))).tolist()
+    max_rows, overhead = int(rng.integers(1, 6)), int(rng.choice([0, 1, 32, 500]))
+    batches = length_batches(lengths, max_rows, overhead)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= max_rows for b in batches)
+    order = [i for b in batches for i in b]
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+    assert _padded_cost(lengths, batches, overhead) == _cheapest_partition(
+        lengths, max_rows, overhead
+    )
+
+
+def test_length_batches_stay_full_when_a_pass_costs_more_than_any_padding():
+    lengths = [128] * 5 + [60, 59, 20, 3, 3, 2]
+    batches = length_batches(lengths, 4, 2**40)
+    assert len(batches) == 3  # the fewest passes, then the least padding among them
+    assert _padded_cost(lengths, batches, 0) == 3 * 128 + 4 * 128 + 4 * 20
+    assert len(length_batches(lengths, 4, 32)) == 5
+    assert length_batches([], 4, 32) == []
 
 
 def test_scores_match_an_independent_implementation(full_backend, sequences):
