@@ -3,7 +3,7 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import auc, roc_auc_score, roc_curve
 
 from ezmia.report.model import ScoreMetrics
 from ezmia.stats.metrics import (
@@ -16,6 +16,7 @@ from ezmia.stats.metrics import (
     min_nonmembers,
     operating_point,
     point_metrics,
+    roc,
     tpr_at_fpr,
 )
 
@@ -35,6 +36,37 @@ def hand_roc():
     assert nonmembers.shape == (200,)
     labels = np.r_[np.ones(10, bool), np.zeros(200, bool)]
     return labels, np.r_[members, nonmembers]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_roc_curve_and_auc_equal_scikit_learns(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 400))
+    labels = rng.random(n) < rng.uniform(0.1, 0.9)
+    labels[:2] = [True, False]
+    # Odd seeds: few distinct scores, so most rows tie; even seeds: continuous scores.
+    scores = rng.integers(0, 1 + seed // 2, n).astype(float) if seed % 2 else rng.normal(size=n)
+    expected_fprs, expected_tprs, _ = roc_curve(labels.astype(int), scores)
+    fprs, tprs = roc(labels.astype(int), scores)
+    np.testing.assert_array_equal(fprs, expected_fprs)
+    np.testing.assert_array_equal(tprs, expected_tprs)
+    assert point_metrics(labels, scores)["auc"] == auc(expected_fprs, expected_tprs)
+
+
+@pytest.mark.parametrize(
+    ("labels", "scores", "fprs", "tprs"),
+    [
+        # Three corners on one line: the middle one is dropped.
+        ([1, 0, 1, 0, 1, 0], [3, 3, 2, 2, 1, 1], [0, 1 / 3, 1], [0, 1 / 3, 1]),
+        ([1, 0, 1, 0], [3.0, 2.0, 2.0, 1.0], [0, 0, 0.5, 1], [0, 0.5, 1, 1]),
+        ([1, 1, 0, 0], [4.0, 3.0, 2.0, 1.0], [0, 0, 0, 1], [0, 0.5, 1, 1]),
+        ([0, 1], [1.0, 1.0], [0, 1], [0, 1]),
+    ],
+)
+def test_roc_keeps_corners_and_drops_collinear_points(labels, scores, fprs, tprs):
+    got = roc(np.array(labels), np.array(scores, dtype=float))
+    np.testing.assert_array_equal(got[0], fprs)
+    np.testing.assert_array_equal(got[1], tprs)
 
 
 def test_fpr_points_are_one_and_a_tenth_percent():
