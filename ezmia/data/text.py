@@ -2,20 +2,39 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ezmia.errors import ModelError
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 
 def load_tokenizer(path: Path):
-    """The fast tokenizer saved with a checkpoint."""
+    """The fast tokenizer saved with a checkpoint. Loaded once per process while the files in
+    its folder keep their sizes and modification times (an audit checks it, then uses it), so
+    callers share it: never modify the object returned."""
+    try:
+        stamp = tuple(
+            sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path))
+        )
+    except OSError:  # not a folder: transformers says why below
+        stamp = ()
+    return _load_tokenizer(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(path: str, stamp: tuple) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), use_fast=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     except (OSError, ValueError, TypeError) as err:
         raise ModelError(f"{path}: cannot load the tokenizer ({err})") from err
     if not tokenizer.is_fast:

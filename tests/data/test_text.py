@@ -3,8 +3,11 @@ hashes of the whole text, and texts without tokens (real tokenizer of the test m
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import os
+import shutil
 import zlib
 
 import pytest
@@ -96,6 +99,27 @@ def test_text_hash_is_sha256_of_utf8():
     assert text_hash(None) is None
 
 
+def test_a_tokenizer_is_loaded_once_until_a_file_in_its_folder_changes(models, tmp_path):
+    folder = tmp_path / "tokenizer"
+    shutil.copytree(models.tokenizer, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    first = load_tokenizer(folder)
+    assert load_tokenizer(folder) is first
+    vocab = spec["model"]["vocab"]
+    one, other = [word for word, i in vocab.items() if 100 <= i < 1000][:2]
+    vocab[one], vocab[other] = vocab[other], vocab[one]
+    before = os.stat(folder / "tokenizer.json")
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    assert os.stat(folder / "tokenizer.json").st_size == before.st_size
+    os.utime(folder / "tokenizer.json", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    changed = load_tokenizer(folder)
+    assert changed is not first
+    assert changed.convert_tokens_to_ids(one) == first.convert_tokens_to_ids(other)
+    (folder / "notes.txt").write_text("a new file in the folder")
+    assert load_tokenizer(folder) is not changed
+
+
 def test_a_folder_without_a_tokenizer_is_a_model_error(tmp_path):
     with pytest.raises(ModelError, match=str(tmp_path)):
         load_tokenizer(tmp_path)
@@ -104,7 +128,7 @@ def test_a_folder_without_a_tokenizer_is_a_model_error(tmp_path):
 @pytest.fixture(scope="module")
 def tokenizer_with_extras(models, tmp_path_factory):
     """The test tokenizer saved with a BOS post-processor and a built-in 5-token truncation."""
-    tokenizer = load_tokenizer(models.tokenizer)
+    tokenizer = copy.deepcopy(load_tokenizer(models.tokenizer))  # the loaded one is shared
     bos = tokenizer.all_special_tokens[0]
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", special_tokens=[(bos, tokenizer.convert_tokens_to_ids(bos))]
@@ -135,7 +159,7 @@ def test_a_slow_tokenizer_is_refused(tmp_path):
 
 
 def test_a_small_model_max_length_in_the_tokenizer_does_not_shorten_rows(models, tmp_path):
-    tokenizer = load_tokenizer(models.tokenizer)
+    tokenizer = copy.deepcopy(load_tokenizer(models.tokenizer))
     tokenizer.model_max_length = 6
     tokenizer.save_pretrained(tmp_path)
     tokens = tokenize(load_tokenizer(tmp_path), [WORDS], max_length=12)
