@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ezmia.backends.base import Role
 from ezmia.config import AuditConfig
 from ezmia.data import outputs, storage
 from ezmia.data.datasets import ROW_INDEX, Columns, Fragment, normalize, read_fragment
@@ -48,10 +49,11 @@ from ezmia.engines.scoring import (
     combined_choice,
     model_stages,
     score_rows,
+    stage_models,
     tokenize_rows,
 )
 from ezmia.errors import OutputError
-from ezmia.plan.models import adapter_base, resolve_tokenizer_dir
+from ezmia.plan.models import ModelPlan, resolve_tokenizer_dir
 from ezmia.plan.planner import AuditPlan
 
 SLICE = "__slice"
@@ -132,25 +134,31 @@ def _write_parts(
     return pa.table({"part": pa.array(starts, pa.int64()), "rows": pa.array(counts, pa.int64())})
 
 
-class TargetModelStage(ModelStage):
+class _NodeModelStage(ModelStage):
+    """A model stage on a Ray actor: the driver's plan, its models resolved on this node."""
+
+    role: Role
+
+    def __init__(self, config: AuditConfig, models: ModelPlan) -> None:
+        super().__init__(config, self.role, stage_models(models, self.role, config.cache_dir))
+
+
+class TargetModelStage(_NodeModelStage):
     """The target's model stage (one actor of its pool)."""
 
-    def __init__(self, config: AuditConfig) -> None:
-        super().__init__(config, "target")
+    role = "target"
 
 
-class ReferenceModelStage(ModelStage):
+class ReferenceModelStage(_NodeModelStage):
     """The reference's model stage (one actor of its pool)."""
 
-    def __init__(self, config: AuditConfig) -> None:
-        super().__init__(config, "reference")
+    role = "reference"
 
 
-class SharedBaseModelStage(ModelStage):
+class SharedBaseModelStage(_NodeModelStage):
     """A LoRA target's one model stage: both passes on one copy of the base."""
 
-    def __init__(self, config: AuditConfig) -> None:
-        super().__init__(config, "both")
+    role = "both"
 
 
 STAGE_ACTORS: dict[str, type[ModelStage]] = {
@@ -212,7 +220,7 @@ class RayEngine:
         ds = ds.map_batches(
             _tokenize,
             fn_kwargs={
-                "tokenizer_uri": tokenizer_uri(self.plan),
+                "tokenizer_uri": models.sources["tokenizer"],
                 "cache_dir": config.cache_dir,
                 "max_length": config.max_length,
             },
@@ -222,7 +230,7 @@ class RayEngine:
         for role in model_stages(models.target_is_adapter):
             ds = ds.map_batches(
                 STAGE_ACTORS[role],
-                fn_constructor_kwargs={"config": config},
+                fn_constructor_kwargs={"config": config, "models": models},
                 compute=ray.data.ActorPoolStrategy(
                     min_size=options.min_actors, max_size=options.max_actors
                 ),
@@ -296,15 +304,6 @@ class RayEngine:
 
     def close(self) -> None:
         """The cluster stays up; actors are released with the dataset."""
-
-
-def tokenizer_uri(plan: AuditPlan) -> str:
-    """The URI of the model whose tokenizer the audit uses (the target's, else the
-    reference's), for tokenize tasks to fetch on their own nodes."""
-    config, models = plan.config, plan.models
-    if models.tokenizer == models.target:
-        return config.target
-    return config.reference or adapter_base(models.target)
 
 
 def _progress(

@@ -30,7 +30,7 @@ from ezmia.data.datasets import ROW_INDEX
 from ezmia.data.schema import scores_schema
 from ezmia.data.text import tokenize
 from ezmia.errors import ModelError
-from ezmia.plan.models import ModelPlan, adapter_base, resolve_model_dir
+from ezmia.plan.models import ModelPlan, resolve_model_dir, resolve_tokenizer_dir
 from ezmia.stats.metrics import detection_threshold
 from ezmia.stats.scores import score_sequence
 
@@ -67,30 +67,27 @@ def model_stages(target_is_adapter: bool) -> list[Role]:
     return ["both"] if target_is_adapter else ["target", "reference"]
 
 
-def stage_models(config: AuditConfig, role: Role) -> ModelPlan:
-    """The models of one stage, resolved on this node: planned and checked from the small
-    files, then only the weights this stage loads fetched (a reference stage never downloads
-    the target)."""
-    from ezmia.plan.planner import resolve_models
-
-    plan = resolve_models(config, weights=False)
-    cache = Path(config.cache_dir) if config.cache_dir else None
-    uris = {"target": config.target, "reference": config.reference or adapter_base(plan.target)}
+def stage_models(planned: ModelPlan, role: Role, cache_dir: str | None) -> ModelPlan:
+    """The driver's plan with this stage's models resolved on this node: the weights it
+    loads (a reference stage never downloads the target) and the tokenizer's small files,
+    each fetched once per machine. Nothing is checked or fingerprinted again: the driver
+    did that. The directories of models the stage does not load stay the driver's."""
+    cache = Path(cache_dir) if cache_dir else None
     needed = ["target", "reference"] if role == "both" else [role]
-    return dataclasses.replace(
-        plan, **{name: resolve_model_dir(uris[name], cache) for name in needed}
-    )
+    resolved = {name: resolve_model_dir(planned.sources[name], cache) for name in needed}
+    resolved["tokenizer"] = resolve_tokenizer_dir(planned.sources["tokenizer"], cache)
+    return dataclasses.replace(planned, **resolved)
 
 
 class ModelStage:
-    """One model stage: its backend (its models resolved on this node unless given), then
-    ``__call__`` adds the stage's per-position columns to each batch of tokenized rows."""
+    """One model stage: its backend on ``models`` (resolved on this node), then ``__call__``
+    adds the stage's per-position columns to each batch of tokenized rows."""
 
-    def __init__(self, config: AuditConfig, role: Role, models: ModelPlan | None = None) -> None:
+    def __init__(self, config: AuditConfig, role: Role, models: ModelPlan) -> None:
         from ezmia.backends import open_backend
 
         self.role = role
-        self.backend, self.choice = open_backend(config, models or stage_models(config, role), role)
+        self.backend, self.choice = open_backend(config, models, role)
         log.info("%s stage backend: %s", role, self.choice)
 
     def __call__(self, rows: pa.Table) -> pa.Table:

@@ -40,13 +40,16 @@ def default_cache_dir() -> Path:
 @dataclass(frozen=True)
 class ModelPlan:
     """Which directories to load: ``target`` is a full checkpoint or an adapter on
-    ``reference``; ``tokenizer`` is the directory whose tokenizer both passes share."""
+    ``reference``; ``tokenizer`` is the directory whose tokenizer both passes share.
+    ``sources`` maps each of the three to the location it was resolved from (local path, S3
+    URI or hub id), so another node can fetch the same models without planning again."""
 
     target: Path
     reference: Path
     target_is_adapter: bool
     tokenizer: Path
     fingerprints: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 PROGRESS_BYTES = 100_000_000  # downloads log each file at least this big, and the last one
@@ -491,6 +494,11 @@ def plan_models(
         fingerprints={
             "target": fingerprint(target_dir, cache_dir),
             "reference": fingerprint(reference_dir, cache_dir),
+        },
+        sources={
+            "target": target,
+            "reference": reference,
+            "tokenizer": target if tokenizer_dir == target_dir else reference,
         },
     )
 

@@ -91,26 +91,31 @@ def test_an_adapter_has_one_model_stage_and_a_full_fine_tune_two():
 
 
 def test_an_adapters_stage_resolves_the_adapter_and_the_base_it_names(models):
-    config = AuditConfig(target=str(models.lora), out="unused", data=["unused"])
-    assert config.reference is None and config.cache_dir is None
-    assert stage_models(config, "both") == plan_models(str(models.lora), None)
+    planned = plan_models(str(models.lora), None)
     named = json.loads((models.lora / "adapter_config.json").read_text())
-    assert stage_models(config, "both").reference == Path(named["base_model_name_or_path"])
+    assert planned.sources["reference"] == named["base_model_name_or_path"]
+    assert stage_models(planned, "both", None) == planned
+    assert stage_models(planned, "both", None).reference == Path(named["base_model_name_or_path"])
 
 
 @pytest.mark.parametrize("role", ["target", "reference"])
 def test_each_stage_of_a_local_fine_tune_resolves_the_planned_directories(models, tmp_path, role):
-    config = config_for(models, tmp_path, cache_dir=str(tmp_path / "cache"))
-    assert stage_models(config, role) == plan_models(
-        str(models.full), str(models.base), cache_dir=tmp_path / "cache"
-    )
+    planned = plan_models(str(models.full), str(models.base), cache_dir=tmp_path / "cache")
+    assert stage_models(planned, role, str(tmp_path / "cache")) == planned
+
+
+def test_a_stage_keeps_the_drivers_checks_and_fingerprints_instead_of_planning_again(plan):
+    """Fingerprints are the driver's (no weight file is hashed on an actor's node)."""
+    planned = dataclasses.replace(plan, fingerprints={"target": "driver", "reference": "driver"})
+    assert stage_models(planned, "reference", None).fingerprints == planned.fingerprints
 
 
 def test_each_stage_fetches_only_its_own_models_weights_into_the_configured_cache(
     s3, models, tmp_path
 ):
-    """From S3 a stage plans both models from their small files and headers, then fetches
-    the weights of its own model only: a reference stage never downloads the target."""
+    """The driver plans both S3 models from their small files and headers; a stage then
+    fetches the weights of its own model only (a reference stage never downloads the
+    target) and the tokenizer's small files."""
     bucket = s3.make_bucket("stage-models")
     client = s3.client()
     uris = {
@@ -118,13 +123,15 @@ def test_each_stage_fetches_only_its_own_models_weights_into_the_configured_cach
         "reference": upload_dir(client, models.base, bucket, "base"),
     }
     cache = tmp_path / "cache"
-    config = config_for(models, tmp_path, **uris, cache_dir=str(cache))
+    planned = plan_models(uris["target"], uris["reference"], cache_dir=cache, weights=False)
+    assert planned.sources == {**uris, "tokenizer": uris["target"]}
     for role, other in (("reference", "target"), ("target", "reference")):
-        resolved = dataclasses.asdict(stage_models(config, role))
+        resolved = dataclasses.asdict(stage_models(planned, role, str(cache)))
         assert resolved[role].parent == cache / "models", role
         assert [p.name for p in resolved[role].glob("*.safetensors")] == ["model.safetensors"]
-        assert resolved[other].parent == cache / "plans", role
+        assert resolved[other] == getattr(planned, other), role
         assert list(resolved[other].glob("*.safetensors")) == [], role
+        assert resolved["tokenizer"].parent == cache / "tokenizers", role
         assert resolved["target_is_adapter"] is False
 
 
@@ -146,8 +153,8 @@ def test_a_stage_given_the_planned_models_loads_them_without_resolving_the_confi
         stage.close()
 
 
-def test_a_stage_without_models_resolves_its_own_and_runs_its_roles_pass(models, tmp_path):
-    stage = ModelStage(config_for(models, tmp_path), "reference")
+def test_a_reference_stage_runs_only_the_reference_pass(models, plan, tmp_path):
+    stage = ModelStage(config_for(models, tmp_path), "reference", plan)
     try:
         assert stage.role == "reference"
         assert stage(tokenized(models)).column_names[-2:] == ["lp_reference", "backend"]
