@@ -68,7 +68,7 @@ def measure(args: argparse.Namespace) -> dict:
     target, base = str(fixture.target("full")), str(fixture.base)
     seconds: dict[str, list[float]] = {"ezmia": [], "baseline": []}
     for round_ in range(args.repeats):
-        out = workdir / f"audit-{round_}"
+        out = Path(tempfile.mkdtemp(prefix="audit-", dir=workdir)) / "out"  # a reused workdir too
         seconds["ezmia"].append(timed([
             sys.executable, "-m", "ezmia", "audit", "--target", target, "--reference", base,
             "--members", str(files["members"]), "--nonmembers", str(files["nonmembers"]),
