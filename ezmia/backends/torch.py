@@ -213,11 +213,11 @@ def tiled_head_statistics(
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def _pick_moments(device: torch.device, dtype: torch.dtype, compile_head: bool | None) -> Moments:
-    """The tile statistics: eager and in place, or (by default on accelerators) compiled into
-    fused kernels for tiles of ``dtype``. Falls back to eager, with a warning, when compiling
+def _pick_moments(device: torch.device, dtype: torch.dtype) -> Moments:
+    """The tile statistics: eager and in place on CPU; on accelerators compiled into fused
+    kernels for tiles of ``dtype``, falling back to eager, with a warning, when compiling
     fails."""
-    if not (device.type != "cpu" if compile_head is None else compile_head):
+    if device.type == "cpu":
         return _inplace_moments
     compiled = torch.compile(_pure_moments, dynamic=True)
     try:
@@ -256,10 +256,9 @@ def length_batches(lengths: Sequence[int], max_rows: int, overhead: int) -> list
 class TorchBackend:
     """Scores with transformers models; works on CPU and CUDA, without Ray.
 
-    ``position_chunk`` x ``vocab_chunk`` is the LM-head tile (logits held at once per pass);
-    ``None`` picks a size for the device. ``compile_head`` fuses the tile statistics with
-    ``torch.compile`` (``None``: on accelerators only). ``vocab_size`` is the number of token
-    ids both models can embed and predict.
+    The LM-head tile and the cost of a forward pass are picked for the device type
+    (``_TILES``, ``_PASS_OVERHEAD_TOKENS``). ``vocab_size`` is the number of token ids both
+    models can embed and predict.
     """
 
     name = "torch"
@@ -273,24 +272,19 @@ class TorchBackend:
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int = 16,
-        position_chunk: int | None = None,
         allow_pickle: bool = False,
         trust_remote_code: bool = False,
-        vocab_chunk: int | None = None,
-        compile_head: bool | None = None,
     ) -> None:
         check_device(device)  # also on a Ray actor, whose node may differ from the driver's
         self.role = role
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
-        default_rows, default_vocab = _TILES.get(self.device.type, _ACCELERATOR_TILES)
-        self.position_chunk = position_chunk or default_rows
-        self.vocab_chunk = vocab_chunk or default_vocab
+        self._tile = _TILES.get(self.device.type, _ACCELERATOR_TILES)
         self._pass_overhead = _PASS_OVERHEAD_TOKENS.get(
             self.device.type, _ACCELERATOR_PASS_OVERHEAD_TOKENS
         )
-        self._moments = _pick_moments(self.device, self.dtype, compile_head)
+        self._moments = _pick_moments(self.device, self.dtype)
         load = dict(
             dtype=self.dtype,
             device=self.device,
@@ -382,8 +376,7 @@ class TorchBackend:
             hidden = hidden[valid.to(hidden.device)]
             moments = _inplace_moments  # strided logit slices: keep the compiled graph simple
         targets = targets.to(hidden.device)
-        chunks = (self.position_chunk, self.vocab_chunk)
-        return tiled_head_statistics(hidden, targets, head, with_distribution, *chunks, moments)
+        return tiled_head_statistics(hidden, targets, head, with_distribution, *self._tile, moments)
 
 
 def _input_device(model: torch.nn.Module, device: torch.device) -> torch.device:
