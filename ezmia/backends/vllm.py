@@ -158,8 +158,7 @@ class VllmBackend:
         if self.in_process:
             _InProcessEngines.acquire()
         try:
-            cache = Path(config.cache_dir) if config.cache_dir else None
-            self._start(plan, vllm.gpu_memory_utilization, cache)
+            self._start(plan, vllm.gpu_memory_utilization, config.cache_dir)
         except BaseException:
             self.close()
             raise
@@ -174,7 +173,7 @@ class VllmBackend:
             overrides["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         return overrides
 
-    def _start(self, plan: ModelPlan, memory: float, cache_dir: Path | None) -> None:
+    def _start(self, plan: ModelPlan, memory: float, cache_dir: str | None) -> None:
         if self.lora_mode == "lora_request":
             from vllm.lora.request import LoRARequest
 

@@ -26,7 +26,7 @@ from ezmia.data import outputs, storage
 from ezmia.demo.build import DEMO_CORPUS, DEMO_COUNTS, DemoArtifacts, build_demo_artifacts
 from ezmia.demo.train import DEMO_SIZES
 from ezmia.fleet.index import report_location, today
-from ezmia.plan.models import default_cache_dir
+from ezmia.plan.models import cache_root
 from ezmia.report.model import Summary, SummaryData
 from ezmia.stats.metrics import FPR_POINTS
 from ezmia.stats.scores import SCORES
@@ -188,7 +188,7 @@ def headline(summaries: dict[str, SummaryData]) -> str:
 def run_demo(out: str, data_uri: str | None) -> int:
     started = time.time()
     built = build_demo_artifacts(
-        default_cache_dir() / "demo", DEMO_SIZES, **DEMO_COUNTS, log=print, corpus=DEMO_CORPUS
+        cache_root() / "demo", DEMO_SIZES, **DEMO_COUNTS, log=print, corpus=DEMO_CORPUS
     )
     print(f"models ready in {time.time() - started:.0f} s: {built.root}")
     use_job = bool(data_uri and os.environ.get("RAY_ADDRESS"))

@@ -29,7 +29,6 @@ import functools
 import io
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -95,7 +94,7 @@ def _read_slices(batch: dict, columns: Columns, rows_per_block: int) -> Iterator
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(uri: str, cache_dir: str | None):
-    return load_tokenizer(resolve_tokenizer_dir(uri, Path(cache_dir) if cache_dir else None))
+    return load_tokenizer(resolve_tokenizer_dir(uri, cache_dir))
 
 
 def _tokenize(rows: pa.Table, tokenizer_uri: str, cache_dir: str | None, max_length: int):

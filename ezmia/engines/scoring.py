@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -72,10 +71,9 @@ def stage_models(planned: ModelPlan, role: Role, cache_dir: str | None) -> Model
     loads (a reference stage never downloads the target) and the tokenizer's small files,
     each fetched once per machine. Nothing is checked or fingerprinted again: the driver
     did that. The directories of models the stage does not load stay the driver's."""
-    cache = Path(cache_dir) if cache_dir else None
     needed = ["target", "reference"] if role == "both" else [role]
-    resolved = {name: resolve_model_dir(planned.sources[name], cache) for name in needed}
-    resolved["tokenizer"] = resolve_tokenizer_dir(planned.sources["tokenizer"], cache)
+    resolved = {name: resolve_model_dir(planned.sources[name], cache_dir) for name in needed}
+    resolved["tokenizer"] = resolve_tokenizer_dir(planned.sources["tokenizer"], cache_dir)
     return dataclasses.replace(planned, **resolved)
 
 

@@ -33,7 +33,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tok
 COMPLETE = ".ezmia-complete"
 
 
-def default_cache_dir() -> Path:
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The model cache: ``cache_dir`` when given (``--cache-dir``), else ``$EZMIA_CACHE``,
+    else ``~/.cache/ezmia``."""
+    if cache_dir:
+        return Path(cache_dir)
     return Path(os.environ.get("EZMIA_CACHE", Path.home() / ".cache" / "ezmia"))
 
 
@@ -61,11 +65,11 @@ HEADER_LISTING = ".ezmia-weights"  # a planning directory's list of the weights 
 MAX_HEADER = 100_000_000  # safetensors' own limit on a header's size
 
 
-def resolve_model_dir(uri: str, cache_dir: Path | None = None, weights: bool = True) -> Path:
+def resolve_model_dir(uri: str, cache_dir: str | Path | None = None, weights: bool = True) -> Path:
     """A local directory holding the model at ``uri`` (downloading S3 or hub models once).
     Without ``weights``, an S3 model's directory holds its small files and each safetensors
     file's header only (``HEADER``; range requests): enough to plan and check, never to load."""
-    cache = cache_dir or default_cache_dir()
+    cache = cache_root(cache_dir)
     if storage.is_s3(uri) and not weights:
         small = lambda rel: not is_weight_file(rel)  # noqa: E731
         return _download_s3_model(uri, cache / "plans", select=small, headers=True)
@@ -84,11 +88,11 @@ def is_weight_file(name: str) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in (*SAFE_WEIGHTS, *PICKLE_WEIGHTS))
 
 
-def resolve_tokenizer_dir(uri: str, cache_dir: Path | None = None) -> Path:
+def resolve_tokenizer_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     """A local directory holding the tokenizer of the model at ``uri``: for an S3 model only
     its small files (configs, tokenizer), downloaded once per machine; never its weights."""
     if storage.is_s3(uri):
-        cache = (cache_dir or default_cache_dir()) / "tokenizers"
+        cache = cache_root(cache_dir) / "tokenizers"
         return _download_s3_model(uri, cache, select=lambda rel: not is_weight_file(rel))
     return resolve_model_dir(uri, cache_dir)
 
@@ -409,7 +413,7 @@ def has_tokenizer(path: Path) -> bool:
     return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
-def fingerprint(path: Path, cache_dir: Path | None = None) -> str:
+def fingerprint(path: Path, cache_dir: str | Path | None = None) -> str:
     """The identity of a checkpoint's config and weight files, from what is already known:
     an S3 download's listing (keys, ETags, sizes), else each file's SHA-256, computed once per
     path, size and modification time and cached."""
@@ -419,7 +423,7 @@ def fingerprint(path: Path, cache_dir: Path | None = None) -> str:
     digest = hashlib.sha256()
     for file in _matches(path, ("*.json", *SAFE_WEIGHTS, *PICKLE_WEIGHTS)):
         digest.update(file.name.encode())
-        digest.update(_file_hash(file, (cache_dir or default_cache_dir()) / "fingerprints"))
+        digest.update(_file_hash(file, cache_root(cache_dir) / "fingerprints"))
     return digest.hexdigest()[:32]
 
 
@@ -448,7 +452,7 @@ def plan_models(
     *,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
-    cache_dir: Path | None = None,
+    cache_dir: str | Path | None = None,
     weights: bool = True,
 ) -> ModelPlan:
     """Resolve, check and pair the target with its reference. Without ``weights`` (a Ray
@@ -577,14 +581,14 @@ def attach_adapter(base_model, adapter_dir: Path):
         ) from err
 
 
-def merged_adapter_dir(plan: ModelPlan, cache_dir: Path | None = None) -> Path:
+def merged_adapter_dir(plan: ModelPlan, cache_dir: str | Path | None = None) -> Path:
     """The adapter merged into a copy of its base, saved as safetensors in the cache."""
     import torch
 
     key = hashlib.sha256(
         f"{plan.fingerprints.get('target')}:{plan.fingerprints.get('reference')}".encode()
     ).hexdigest()[:24]
-    out = (cache_dir or default_cache_dir()) / "merged" / key
+    out = cache_root(cache_dir) / "merged" / key
     if (out / COMPLETE).exists():
         return out
     base = load_causal_lm(

@@ -29,9 +29,9 @@ from ezmia.data.datasets import (
 from ezmia.errors import InputError
 from ezmia.plan.models import (
     ModelPlan,
+    cache_root,
     check_vocabulary,
     context_length,
-    default_cache_dir,
     plan_models,
 )
 from ezmia.stats import blind
@@ -80,7 +80,7 @@ def resolve_models(config: AuditConfig, weights: bool = True) -> ModelPlan:
         config.reference,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
-        cache_dir=Path(config.cache_dir) if config.cache_dir else None,
+        cache_dir=config.cache_dir,
         weights=weights,
     )
 
@@ -198,7 +198,7 @@ def input_locations(config: AuditConfig, models: ModelPlan | None = None) -> dic
         "--calibration": config.calibration,
         "--target": located(config.target),
         "--reference": located(config.reference),
-        "--cache-dir (the model cache)": [config.cache_dir or str(default_cache_dir())],
+        "--cache-dir (the model cache)": [str(cache_root(config.cache_dir))],
     }
     if models is not None:
         found["the models' files"] = [str(models.target), str(models.reference)]
