@@ -121,12 +121,13 @@ def table(summaries: dict[str, SummaryData]) -> str:
     """The paper's table in miniature: every registered score (``scores.SCORES``, in its
     order), full fine-tune vs LoRA; then each audit's blind (text-only) baseline and its
     empirical epsilon bound."""
-    cell = "{:>7} {:>8} {:>9}"
-    width = len(cell.format("", "", ""))
+    headers = ["AUC", *(f"TPR@{100 * fpr:g}%" for fpr in FPR_POINTS.values())]
+    cell = " ".join(["{:>7}", *["{:>9}"] * len(FPR_POINTS)])
+    width = len(cell.format(*[""] * len(headers)))
     first = max(10, *(len(score.label) for score in SCORES.values()))
     lines = [
         f"{'':<{first}}" + "".join(f" | {name:^{width}}" for name in summaries),
-        f"{'score':<{first}}" + f" | {cell.format('AUC', 'TPR@1%', 'TPR@0.1%')}" * len(summaries),
+        f"{'score':<{first}}" + f" | {cell.format(*headers)}" * len(summaries),
     ]
     lines.append("-" * len(lines[1]))
     for column, score in SCORES.items():
@@ -136,7 +137,7 @@ def table(summaries: dict[str, SummaryData]) -> str:
             values = (
                 (f"{m.auc:.3f}", *(_rate(getattr(m, point)) for point in FPR_POINTS))
                 if m
-                else ("n/a", "", "")
+                else ("n/a", *[""] * len(FPR_POINTS))
             )
             row += f" | {cell.format(*values)}"
         lines.append(row)

@@ -56,26 +56,30 @@ AuditOptions = create_model(  # every AuditConfig field the scan does not set, a
 HIGH = {key: limit for level, key, limit in VERDICT_RULES if level == "high"}
 
 
-class Thresholds(Strict):
-    """Largest metric values a checkpoint may show and still pass (``None``: no limit), for
-    the score ``score`` (a score column, or ``any``: every score must stay within them).
-    The defaults are the verdict's "high" limits on EZ: by default a checkpoint fails exactly
-    when EZ's verdict level is high (or the audit is insufficient)."""
-
-    score: str = "ez_score"
-    max_tpr_at_0_1pct_fpr: float | None = Field(HIGH["tpr_at_0_1pct_fpr"], ge=0, le=1)
-    max_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
-    max_auc: float | None = Field(HIGH["auc"], ge=0, le=1)
+def _limits(defaults: dict[str, float]) -> dict:
+    """A ``max_<metric>`` field for each metric (``None``: no limit)."""
+    return {f"max_{m}": (float | None, Field(defaults.get(m), ge=0, le=1)) for m in METRICS}
 
 
-class Override(Strict):
-    """Thresholds for the checkpoints whose name matches ``match``."""
+Thresholds = create_model(
+    "Thresholds",
+    __base__=Strict,
+    __doc__="""Largest metric values a checkpoint may show and still pass, for the score
+    ``score`` (a score column, or ``any``: every score must stay within them). The defaults are
+    the verdict's "high" limits on EZ: by default a checkpoint fails exactly when EZ's verdict
+    level is high (or the audit is insufficient).""",
+    score=(str, "ez_score"),
+    **_limits(HIGH),
+)
 
-    match: str
-    score: str | None = None
-    max_tpr_at_0_1pct_fpr: float | None = Field(None, ge=0, le=1)
-    max_tpr_at_1pct_fpr: float | None = Field(None, ge=0, le=1)
-    max_auc: float | None = Field(None, ge=0, le=1)
+Override = create_model(
+    "Override",
+    __base__=Strict,
+    __doc__="Thresholds for the checkpoints whose name matches ``match``.",
+    match=(str, ...),
+    score=(str | None, None),
+    **_limits({}),
+)
 
 
 class Rule(AuditOptions):  # type: ignore[misc,valid-type]
@@ -85,8 +89,8 @@ class Rule(AuditOptions):  # type: ignore[misc,valid-type]
 
 
 class Policy(Strict):
-    thresholds: Thresholds = Thresholds()
-    overrides: list[Override] = []
+    thresholds: Thresholds = Thresholds()  # type: ignore[valid-type]
+    overrides: list[Override] = []  # type: ignore[valid-type]
     audit_defaults: AuditOptions = AuditOptions()  # type: ignore[valid-type]
     rules: list[Rule] = []
     lock_ttl_hours: float = Field(6.0, gt=0)
