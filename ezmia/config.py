@@ -130,7 +130,12 @@ class AuditConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto = bf16 on GPU, fp32 on CPU"
     )
-    batch_size: int = Field(16, ge=1, description="sequences per forward pass")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="most sequences per forward pass (PyTorch cuts a batch short where its "
+        "padding would cost more than another pass)",
+    )
     engine: Literal["auto", "local", "ray"] = Field(
         "auto",
         description="local (this process) or ray (cluster); auto = ray with --ray-address, "
