@@ -56,9 +56,9 @@ AuditOptions = create_model(  # every AuditConfig field the scan does not set, a
 HIGH = {key: limit for level, key, limit in VERDICT_RULES if level == "high"}
 
 
-def _limits(defaults: dict[str, float]) -> dict:
-    """A ``max_<metric>`` field for each metric (``None``: no limit)."""
-    return {f"max_{m}": (float | None, Field(defaults.get(m), ge=0, le=1)) for m in METRICS}
+LIMITS = {f"max_{m}": (float | None, Field(HIGH.get(m), ge=0, le=1)) for m in METRICS}
+"""A ``max_<metric>`` field per metric (``None``: no limit), defaulting to the verdict's
+"high" limit."""
 
 
 Thresholds = create_model(
@@ -69,7 +69,7 @@ Thresholds = create_model(
     the verdict's "high" limits on EZ: by default a checkpoint fails exactly when EZ's verdict
     level is high (or the audit is insufficient).""",
     score=(str, "ez_score"),
-    **_limits(HIGH),
+    **LIMITS,
 )
 
 Override = create_model(
@@ -78,7 +78,7 @@ Override = create_model(
     __doc__="Thresholds for the checkpoints whose name matches ``match``.",
     match=(str, ...),
     score=(str | None, None),
-    **_limits({}),
+    **{name: (kind, Field(None, ge=0, le=1)) for name, (kind, _) in LIMITS.items()},
 )
 
 

@@ -23,8 +23,8 @@ def roc(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     points dropped. Equal to scikit-learn's ``roc_curve`` (its tests compare them), written
     in numpy because the bootstrap draws a thousand curves and sklearn's input validation
     cost more than the curves."""
-    order = np.argsort(-scores, kind="stable")
-    hits = np.asarray(labels, dtype=bool)[order]
+    order = np.argsort(-scores)  # the order within tied scores does not matter: ties are one corner
+    hits = labels[order]  # booleans or 0/1
     last = np.r_[np.flatnonzero(np.diff(scores[order])), hits.size - 1]  # each score's last row
     tps = np.cumsum(hits)[last]
     fps = last + 1 - tps
