@@ -84,7 +84,9 @@ def connect(config: AuditConfig) -> None:
 
 def quiet_ray_data() -> None:
     """Ray Data's progress bars and per-operator INFO lines only with ``-v`` (ezmia logs at
-    INFO): otherwise ezmia's own progress lines are what a job's log shows."""
+    INFO): otherwise ezmia's own progress lines are what a job's log shows. Without ``-v``
+    the stack traces Ray Data prints for a failed run (pages of its own frames) go to its log
+    file only: ezmia reports the error in one line that points there."""
     import ray.data
 
     verbose = logging.getLogger("ezmia").isEnabledFor(logging.INFO)
@@ -93,6 +95,20 @@ def quiet_ray_data() -> None:
     context.print_on_execution_start = verbose
     context.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
+    traces = logging.getLogger("ray.data.exceptions")
+    for hidden in [f for f in traces.filters if isinstance(f, _LogFileOnly)]:
+        traces.removeFilter(hidden)
+    if not verbose:
+        traces.addFilter(_LogFileOnly())
+
+
+class _LogFileOnly(logging.Filter):
+    """Marks records ``hide``: Ray Data's console handler drops them (its
+    ``HiddenRecordFilter``), its log file keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.hide = True
+        return True
 
 
 def node_types() -> list[tuple[float, float]]:

@@ -337,3 +337,34 @@ def test_commit_accepts_every_row_once_and_refuses_missing_or_repeated_rows(tmp_
     write(5, [5, 6, 6])
     with pytest.raises(OutputError, match="source row 6 twice"):
         commit(output, fragments, slices, reported)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_ray_datas_stack_traces_reach_the_console_only_with_verbose(verbose):
+    """Ray Data prints pages of its own frames for a failed run; ezmia's one line points at
+    its log file, which keeps them (its console handler drops records marked ``hide``)."""
+    from ray.data._internal.logging import HiddenRecordFilter
+
+    from ezmia.engines.cluster import quiet_ray_data
+
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append
+    ray_data, ezmia_logger = logging.getLogger("ray.data"), logging.getLogger("ezmia")
+    level = ezmia_logger.level
+    ray_data.addHandler(capture)
+    try:
+        ezmia_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+        quiet_ray_data()
+        quiet_ray_data()  # joining again adds no second filter
+        traces = logging.getLogger("ray.data.exceptions")
+        assert len(traces.filters) == (0 if verbose else 1)
+        traces.error("Full stack trace:\n...")
+        logging.getLogger("ray.data.other").warning("a warning stays on the console")
+    finally:
+        ray_data.removeHandler(capture)
+        ezmia_logger.setLevel(level)
+        quiet_ray_data()
+    trace, warning = records
+    assert HiddenRecordFilter().filter(trace) is verbose
+    assert HiddenRecordFilter().filter(warning) is True
