@@ -263,7 +263,7 @@ class RayEngine:
             batch_size=None, batch_format="pyarrow"
         )
         calibration, candidates = [], []
-        for batch in _progress(batches, total, len):
+        for batch in _progress(batches, total, len, "scoring"):
             rows = batch.column(CALIBRATION)
             own = [c for c in ("text", SLICE, CALIBRATION) if c in batch.column_names]
             calibration.append(batch.filter(rows).drop_columns(own))
@@ -271,13 +271,20 @@ class RayEngine:
                 candidates.append(ray.put(batch.filter(pc.invert(rows))))
         detection = calibrate(pa.concat_tables(calibration), plan.config.fpr)
         blocks = ray.data.from_arrow_refs(candidates)
-        return self._write(blocks, plan.fragments, output, detection["threshold"]), detection
+        written = self._write(blocks, plan.fragments, output, detection["threshold"], "writing")
+        return written, detection
 
     def _write(
-        self, ds, fragments: list[Fragment], output: outputs.Output, threshold: float | None
+        self,
+        ds,
+        fragments: list[Fragment],
+        output: outputs.Output,
+        threshold: float | None,
+        stage: str = "scoring",
     ) -> pa.Table:
         """Write the scored dataset's slices as parts (``flagged`` with a threshold), then
-        check them (``commit``) and return their score columns."""
+        check them (``commit``) and return their score columns. Progress is logged as
+        ``stage``: "scoring" when the rows are scored as they are written."""
         slices = plan_slices(fragments, self.plan.config.ray.rows_per_block)
         output.claim(*(outputs.part_name(start) for start in slices))
         written = ds.map_batches(
@@ -290,7 +297,8 @@ class RayEngine:
         reported = {}
         batches = written.iter_batches(batch_format="pyarrow")
         total = sum(f.num_rows for f in fragments)
-        for batch in _progress(batches, total, lambda b: pc.sum(b["rows"]).as_py() or 0):
+        rows_of = lambda b: pc.sum(b["rows"]).as_py() or 0  # noqa: E731
+        for batch in _progress(batches, total, rows_of, stage):
             reported.update(zip(batch["part"].to_pylist(), batch["rows"].to_pylist(), strict=True))
         return commit(output, fragments, slices, reported)
 
@@ -306,16 +314,16 @@ class RayEngine:
 
 
 def _progress(
-    batches: Iterable[pa.Table], total: int, rows_of: Callable[[pa.Table], int]
+    batches: Iterable[pa.Table], total: int, rows_of: Callable[[pa.Table], int], stage: str
 ) -> Iterator[pa.Table]:
-    """Pass ``batches`` through, logging the scoring progress at about every tenth of the
+    """Pass ``batches`` through, logging ``stage``'s progress at about every tenth of the
     ``total`` rows (``rows_of``: the rows a batch stands for)."""
     done, next_at = 0, 0
     for batch in batches:
         yield batch
         done += rows_of(batch)
         if done >= next_at:
-            log.warning("scoring: %d of %d rows (%d%%)", done, total, 100 * done // max(total, 1))
+            log.warning("%s: %d of %d rows (%d%%)", stage, done, total, 100 * done // max(total, 1))
             next_at = done + max(1, total // 10)
 
 

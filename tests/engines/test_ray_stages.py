@@ -5,6 +5,7 @@ with the models and data in a real S3 endpoint (moto server process)."""
 from __future__ import annotations
 
 import io
+import logging
 import shutil
 import sys
 
@@ -153,12 +154,12 @@ def test_model_stages_request_their_gpus_and_the_driver_never_reads_weights(
 
 
 def test_detection_on_ray_flags_the_same_candidates_as_the_local_engine(
-    gpu_cluster, models, tmp_path
+    gpu_cluster, models, tmp_path, caplog
 ):
     """Detection on Ray: calibration non-members and candidates pass through one actor per
     model stage (the models load once), the calibration rows are never written, and every
     candidate's ``flagged`` (added after scoring, where the parts are written) equals the local
-    engine's, with the same threshold and parts schema."""
+    engine's, with the same threshold and parts schema. Progress: scoring, then writing."""
     import ray
     from ray.util.state import list_actors
 
@@ -178,11 +179,18 @@ def test_detection_on_ray_flags_the_same_candidates_as_the_local_engine(
     ray_config = dict(address=gpu_cluster.address, rows_per_block=16)
     before = stage_actors()
     try:
-        remote = audit_module.audit(
-            AuditConfig(out=str(tmp_path / "ray"), engine="ray", ray=ray_config, **settings)
-        )
+        with caplog.at_level(logging.WARNING, logger="ezmia.engines.pipeline"):
+            remote = audit_module.audit(
+                AuditConfig(out=str(tmp_path / "ray"), engine="ray", ray=ray_config, **settings)
+            )
     finally:
         ray.shutdown()
+    progress = [r.getMessage() for r in caplog.records if r.name == "ezmia.engines.pipeline"]
+    stages = [line.split(":")[0] for line in progress]
+    assert stages == sorted(stages) and set(stages) == {"scoring", "writing"}  # scoring first
+    total = sum(pq.read_metadata(p).num_rows for p in (models.members, models.nonmembers))
+    assert progress[stages.index("writing") - 1] == f"scoring: {total} of {total} rows (100%)"
+    assert progress[-1].endswith(" rows (100%)") and progress[-1].startswith("writing: ")
     started = [name for actor, name in stage_actors().items() if actor not in before]
     assert sorted(started) == [
         "MapWorker(MapBatches(ReferenceModelStage))",
