@@ -96,19 +96,14 @@ def quiet_ray_data() -> None:
     context.enable_auto_log_stats = False
     logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.WARNING)
     traces = logging.getLogger("ray.data.exceptions")
-    for hidden in [f for f in traces.filters if isinstance(f, _LogFileOnly)]:
-        traces.removeFilter(hidden)
-    if not verbose:
-        traces.addFilter(_LogFileOnly())
+    (traces.removeFilter if verbose else traces.addFilter)(_log_file_only)  # added once at most
 
 
-class _LogFileOnly(logging.Filter):
-    """Marks records ``hide``: Ray Data's console handler drops them (its
-    ``HiddenRecordFilter``), its log file keeps them."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.hide = True
-        return True
+def _log_file_only(record: logging.LogRecord) -> bool:
+    """Marks a record ``hide``: Ray Data's console handler drops it (its
+    ``HiddenRecordFilter``), its log file keeps it."""
+    record.hide = True
+    return True
 
 
 def node_types() -> list[tuple[float, float]]:
