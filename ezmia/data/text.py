@@ -26,11 +26,11 @@ def load_tokenizer(path: Path):
         )
     except OSError:  # not a folder: transformers says why below
         stamp = ()
-    return _load_tokenizer(str(path), stamp)
+    return _loaded_tokenizer(str(path), stamp)
 
 
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer(path: str, stamp: tuple) -> PreTrainedTokenizerBase:
+def _read_tokenizer(path: str, stamp: tuple) -> PreTrainedTokenizerBase:
+    """The tokenizer in ``path``; ``stamp`` (its files' sizes and times) only keys the cache."""
     from transformers import AutoTokenizer
 
     try:
@@ -40,6 +40,10 @@ def _load_tokenizer(path: str, stamp: tuple) -> PreTrainedTokenizerBase:
     if not tokenizer.is_fast:
         raise ModelError(f"{path}: ezmia needs a fast (Rust) tokenizer; found a slow one")
     return tokenizer
+
+
+# Wrapped rather than decorated: mutation testing (mutmut) skips decorated functions.
+_loaded_tokenizer = functools.lru_cache(maxsize=8)(_read_tokenizer)
 
 
 @dataclass(frozen=True)
