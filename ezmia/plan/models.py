@@ -131,10 +131,10 @@ def _download_s3_model(
     if select is not None:
         files = [f for f in files if select(f[0])]
     target = cache / key
-    if (target / COMPLETE).exists() and _sizes_match(target, files):
+    if _cached(target, files, headers):
         return target
     with _cache_lock(cache / f".{key}.lock"):
-        if (target / COMPLETE).exists() and _sizes_match(target, files):
+        if _cached(target, files, headers):
             return target  # another process fetched it while this one waited
         staging = cache / f".{key}.partial-{os.getpid()}-{threading.get_ident()}"
         _fetch(client, uri, bucket, prefix, files, staging)
@@ -194,8 +194,14 @@ def _fetch_header(client, bucket: str, key: str, dest: Path, size: int) -> None:
     dest.write_text(json.dumps({"size": size, "length": length, "header": text}))
 
 
-def _sizes_match(directory: Path, files: list[tuple[str, str, int]]) -> bool:
-    """Whether every listed file is present in ``directory`` with its listed size."""
+def _cached(directory: Path, files: list[tuple[str, str, int]], headers: bool) -> bool:
+    """Whether ``directory`` is a finished download of ``files``, each with its listed size,
+    and (for planning) the weights' listing: an entry an older ezmia left without it is
+    fetched again, not read as a checkpoint without weights."""
+    if not (directory / COMPLETE).exists() or (
+        headers and not (directory / HEADER_LISTING).exists()
+    ):
+        return False
     paths = ((directory / rel, size) for rel, _etag, size in files)
     return all(path.is_file() and path.stat().st_size == size for path, size in paths)
 

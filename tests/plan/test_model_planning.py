@@ -43,6 +43,21 @@ def test_a_plan_without_weights_checks_what_a_full_download_checks(models, s3, b
         plan_models(f"s3://{bucket}/cut", base, cache_dir=tmp_path / "light2", weights=False)
 
 
+def test_a_planning_entry_without_the_weights_listing_is_fetched_again(
+    models, s3, bucket, tmp_path
+):
+    """An older ezmia cached planning folders without the list of the weights they lack; such
+    an entry must not read as a checkpoint without weights."""
+    from ezmia.plan.models import HEADER_LISTING, resolve_model_dir
+
+    uri = upload_dir(s3.client(), models.full, bucket, "full")
+    planned = resolve_model_dir(uri, tmp_path, weights=False)
+    (planned / HEADER_LISTING).unlink()
+    assert resolve_model_dir(uri, tmp_path, weights=False) == planned
+    assert (planned / HEADER_LISTING).exists()
+    assert plan_models(uri, str(models.base), cache_dir=tmp_path, weights=False).target == planned
+
+
 def test_concurrent_resolutions_on_one_machine_share_one_download(models, s3, bucket, tmp_path):
     from ezmia.plan.models import resolve_model_dir
 
