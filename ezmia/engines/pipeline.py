@@ -139,7 +139,7 @@ class _NodeModelStage(ModelStage):
     role: Role
 
     def __init__(self, config: AuditConfig, models: ModelPlan) -> None:
-        super().__init__(config, self.role, stage_models(models, self.role, config.cache_dir))
+        super().__init__(config, self.role, stage_models(config, models, self.role))
 
 
 class TargetModelStage(_NodeModelStage):

@@ -29,7 +29,12 @@ from ezmia.data.datasets import ROW_INDEX
 from ezmia.data.schema import scores_schema
 from ezmia.data.text import tokenize
 from ezmia.errors import ModelError
-from ezmia.plan.models import ModelPlan, resolve_model_dir, resolve_tokenizer_dir
+from ezmia.plan.models import (
+    ModelPlan,
+    check_checkpoint,
+    resolve_model_dir,
+    resolve_tokenizer_dir,
+)
 from ezmia.stats.metrics import detection_threshold
 from ezmia.stats.scores import score_sequence
 
@@ -66,14 +71,20 @@ def model_stages(target_is_adapter: bool) -> list[Role]:
     return ["both"] if target_is_adapter else ["target", "reference"]
 
 
-def stage_models(planned: ModelPlan, role: Role, cache_dir: str | None) -> ModelPlan:
+def stage_models(config: AuditConfig, planned: ModelPlan, role: Role) -> ModelPlan:
     """The driver's plan with this stage's models resolved on this node: the weights it
     loads (a reference stage never downloads the target) and the tokenizer's small files,
-    each fetched once per machine. Nothing is checked or fingerprinted again: the driver
-    did that. The directories of models the stage does not load stay the driver's."""
+    each fetched once per machine. The files fetched pass the same safety checks as the
+    driver's (cheap: configs and safetensors headers), in case the checkpoint changed since;
+    nothing is fingerprinted again. The folders of models the stage does not load stay the
+    driver's."""
     needed = ["target", "reference"] if role == "both" else [role]
-    resolved = {name: resolve_model_dir(planned.sources[name], cache_dir) for name in needed}
-    resolved["tokenizer"] = resolve_tokenizer_dir(planned.sources["tokenizer"], cache_dir)
+    resolved = {name: resolve_model_dir(planned.sources[name], config.cache_dir) for name in needed}
+    for path in resolved.values():
+        check_checkpoint(
+            path, allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code
+        )
+    resolved["tokenizer"] = resolve_tokenizer_dir(planned.sources["tokenizer"], config.cache_dir)
     return dataclasses.replace(planned, **resolved)
 
 

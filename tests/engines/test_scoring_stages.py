@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,24 +91,48 @@ def test_an_adapter_has_one_model_stage_and_a_full_fine_tune_two():
     assert model_stages(target_is_adapter=False) == ["target", "reference"]
 
 
-def test_an_adapters_stage_resolves_the_adapter_and_the_base_it_names(models):
+def test_an_adapters_stage_resolves_the_adapter_and_the_base_it_names(models, tmp_path):
+    config = config_for(models, tmp_path, target=str(models.lora), reference=None)
     planned = plan_models(str(models.lora), None)
     named = json.loads((models.lora / "adapter_config.json").read_text())
     assert planned.sources["reference"] == named["base_model_name_or_path"]
-    assert stage_models(planned, "both", None) == planned
-    assert stage_models(planned, "both", None).reference == Path(named["base_model_name_or_path"])
+    assert stage_models(config, planned, "both") == planned
+    assert stage_models(config, planned, "both").reference == Path(named["base_model_name_or_path"])
 
 
 @pytest.mark.parametrize("role", ["target", "reference"])
 def test_each_stage_of_a_local_fine_tune_resolves_the_planned_directories(models, tmp_path, role):
+    config = config_for(models, tmp_path, cache_dir=str(tmp_path / "cache"))
     planned = plan_models(str(models.full), str(models.base), cache_dir=tmp_path / "cache")
-    assert stage_models(planned, role, str(tmp_path / "cache")) == planned
+    assert stage_models(config, planned, role) == planned
 
 
-def test_a_stage_keeps_the_drivers_checks_and_fingerprints_instead_of_planning_again(plan):
+def test_a_stage_keeps_the_drivers_fingerprints_instead_of_planning_again(models, plan, tmp_path):
     """Fingerprints are the driver's (no weight file is hashed on an actor's node)."""
     planned = dataclasses.replace(plan, fingerprints={"target": "driver", "reference": "driver"})
-    assert stage_models(planned, "reference", None).fingerprints == planned.fingerprints
+    config = config_for(models, tmp_path)
+    assert stage_models(config, planned, "reference").fingerprints == planned.fingerprints
+
+
+def test_a_stage_refuses_a_checkpoint_that_turned_unsafe_after_planning(models, tmp_path):
+    """The files a stage loads pass the driver's safety checks again: a target whose weights
+    became pickle-only, or whose config now declares custom code, since it was planned."""
+    target = shutil.copytree(models.full, tmp_path / "target")
+    planned = plan_models(str(target), str(models.base))
+    config = config_for(models, tmp_path, target=str(target))
+    config_file = target / "config.json"
+    declared = {**json.loads(config_file.read_text()), "auto_map": {"AutoModel": "x.Model"}}
+    config_file.write_text(json.dumps(declared))
+    with pytest.raises(ModelError, match="declares custom code"):
+        stage_models(config, planned, "target")
+    assert stage_models(config, planned, "reference").reference == planned.reference
+    for weights in target.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelError, match="only pickle-based weights"):
+        stage_models(config, planned, "target")
+    trusting = config_for(models, tmp_path, target=str(target), allow_pickle=True,
+                          trust_remote_code=True)  # fmt: skip
+    assert stage_models(trusting, planned, "target").target == target  # the operator's choice
 
 
 def test_each_stage_fetches_only_its_own_models_weights_into_the_configured_cache(
@@ -126,7 +151,8 @@ def test_each_stage_fetches_only_its_own_models_weights_into_the_configured_cach
     planned = plan_models(uris["target"], uris["reference"], cache_dir=cache, weights=False)
     assert planned.sources == {**uris, "tokenizer": uris["target"]}
     for role, other in (("reference", "target"), ("target", "reference")):
-        resolved = dataclasses.asdict(stage_models(planned, role, str(cache)))
+        config = config_for(models, tmp_path, **uris, cache_dir=str(cache))
+        resolved = dataclasses.asdict(stage_models(config, planned, role))
         assert resolved[role].parent == cache / "models", role
         assert [p.name for p in resolved[role].glob("*.safetensors")] == ["model.safetensors"]
         assert resolved[other] == getattr(planned, other), role
