@@ -183,10 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def command(argv: list[str] | None = None) -> int:
     """``main`` as a process runs it (the ``ezmia`` command, ``python -m ezmia``, the Ray job
     scripts), then exit without the collector's last pass over every object torch and
@@ -195,3 +191,7 @@ def command(argv: list[str] | None = None) -> int:
     code = main(argv)
     gc.freeze()
     return code
+
+
+if __name__ == "__main__":  # python -m ezmia.cli, as python -m ezmia
+    sys.exit(command())
