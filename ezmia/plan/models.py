@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import fnmatch
 import hashlib
 import json
@@ -30,6 +31,7 @@ from ezmia.errors import EzmiaError, InputError, ModelError
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+TOKENIZER_SIDECARS = ("special_tokens_map.json", "merges.txt", "added_tokens.json")
 COMPLETE = ".ezmia-complete"
 
 
@@ -526,7 +528,19 @@ def _check_same_vocab(target_dir: Path, reference_dir: Path) -> None:
         )
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Both absent, or both files with the same bytes."""
+    if a.is_file() and b.is_file():
+        return filecmp.cmp(a, b, shallow=False)
+    return not a.exists() and not b.exists()
+
+
 def _check_same_tokenizer(target_dir: Path, reference_dir: Path) -> None:
+    """Refuse two tokenizers with different vocabularies; byte-identical tokenizer files are
+    the same tokenizer, without loading either."""
+    names = TOKENIZER_FILES + TOKENIZER_SIDECARS
+    if all(_same_file(target_dir / name, reference_dir / name) for name in names):
+        return
     if load_tokenizer(target_dir).get_vocab() != load_tokenizer(reference_dir).get_vocab():
         raise ModelError(
             f"the tokenizers of target {target_dir} and reference {reference_dir} differ: "
@@ -608,7 +622,7 @@ def merged_adapter_dir(plan: ModelPlan, cache_dir: str | Path | None = None) -> 
     staging = out.with_name(f".{key}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging, safe_serialization=True)
-    for name in TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt"):
+    for name in TOKENIZER_FILES + TOKENIZER_SIDECARS:
         if (plan.tokenizer / name).exists():
             shutil.copy(plan.tokenizer / name, staging / name)
     (staging / COMPLETE).write_text(key)

@@ -4,10 +4,12 @@ file is hashed once per path, size and modification time."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 
-from ezmia.plan.models import fingerprint, resolve_model_dir
+from ezmia.data import text
+from ezmia.plan.models import fingerprint, plan_models, resolve_model_dir
 from tests.conftest import upload_dir
 
 
@@ -44,3 +46,20 @@ def test_an_s3_model_is_fingerprinted_by_its_listing(models, s3, bucket, tmp_pat
     client.put_object(Bucket=bucket, Key="base/config.json", Body=b'{"changed": true}')
     again = resolve_model_dir(uri, tmp_path / "cache")
     assert fingerprint(again, tmp_path / "cache") != first
+
+
+def test_identical_tokenizer_files_pair_without_loading_and_rewritten_ones_are_compared(
+    models, tmp_path
+):
+    """Byte-identical tokenizer files are the same tokenizer: planning loads neither. The
+    same vocabulary written differently is loaded, compared and accepted."""
+    reference = tmp_path / "reference"
+    shutil.copytree(models.base, reference)
+    text._loaded_tokenizer.cache_clear()
+    plan_models(str(models.full), str(reference), cache_dir=tmp_path / "cache")
+    assert text._loaded_tokenizer.cache_info().currsize == 0
+
+    tokenizer = reference / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    plan_models(str(models.full), str(reference), cache_dir=tmp_path / "cache")
+    assert text._loaded_tokenizer.cache_info().currsize == 2
