@@ -17,7 +17,7 @@ import typing
 from pydantic import BaseModel
 
 from ezmia.config import AuditConfig, load_yaml, parse_model
-from ezmia.errors import EzmiaError
+from ezmia.errors import EzmiaError, Interrupted
 
 
 def _nested(info) -> type[BaseModel] | None:
@@ -151,13 +151,14 @@ def _one_line(message: str) -> str:
 
 
 def _interrupt(signum: int, _frame) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    raise Interrupted(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # a stopped job cleans up as on Ctrl-C
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a stopped job cleans up as on Ctrl-C
+            signal.signal(signum, _interrupt)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",

@@ -15,3 +15,11 @@ class ModelError(EzmiaError):
 
 class OutputError(EzmiaError):
     """An output location that would be overwritten or cannot be written."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised by ezmia's signal handlers and sent to audit threads. A
+    subclass, not ``KeyboardInterrupt`` itself: CPython ends ``python -m`` with SIGINT, not
+    the exit code it was given, once a plain ``KeyboardInterrupt`` escaped an ``exec`` or
+    ``eval`` of a string (dataclasses and named tuples are built that way), even when the
+    interrupt was handled."""

@@ -4,12 +4,17 @@ help, booleans switch both ways, and flags override a YAML config key by key."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from pydantic import BaseModel
 
 from ezmia.cli import audit_config_from_args, build_parser
 from ezmia.config import AuditConfig
+from tests.conftest import REPO
 
 
 def option_flags(model: type[BaseModel], prefix: str = "") -> dict[str, str | None]:
@@ -90,3 +95,27 @@ def test_the_command_returns_mains_exit_code_with_the_collector_frozen_for_exit(
     finally:
         gc.unfreeze()
     assert capsys.readouterr().err.startswith(f"ezmia: error: {tmp_path / 'missing'}: ")
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_inside_an_exec_of_a_string_still_exits_130_under_python_m(tmp_path, name):
+    """CPython ends ``python -m`` with SIGINT once a plain ``KeyboardInterrupt`` escaped an
+    ``exec`` of a string, even a handled one; dataclasses are built that way, so a job stopped
+    while transformers was importing died by SIGINT instead of exiting 130."""
+    signum = int(getattr(signal, name))
+    (tmp_path / "stopped_run.py").write_text(
+        "import sys\n"
+        "from ezmia import cli\n"
+        f"cli.run = lambda args: exec('import os; os.kill(os.getpid(), {signum})')\n"
+        "sys.exit(cli.command(['report', 'unused']))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "stopped_run"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.splitlines()[-1].startswith("ezmia: interrupted;")

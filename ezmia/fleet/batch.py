@@ -31,7 +31,7 @@ from pydantic import Field
 from ezmia.audit import audit
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
 from ezmia.data import outputs, storage
-from ezmia.errors import EzmiaError, InputError
+from ezmia.errors import EzmiaError, InputError, Interrupted
 from ezmia.fleet import index
 from ezmia.plan.planner import use_ray
 
@@ -219,7 +219,7 @@ def run_side_by_side(jobs: list[Callable[[], Outcome]], limit: int) -> list[Outc
         with lock:
             for ident in running.values():
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt)
+                    ctypes.c_ulong(ident), ctypes.py_object(Interrupted)
                 )
         wait(futures)
         raise
