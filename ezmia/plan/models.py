@@ -31,7 +31,7 @@ from ezmia.errors import EzmiaError, InputError, ModelError
 SAFE_WEIGHTS = ("*.safetensors",)
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-TOKENIZER_SIDECARS = ("special_tokens_map.json", "merges.txt", "added_tokens.json")
+TOKENIZER_EXTRA_FILES = ("special_tokens_map.json", "merges.txt", "added_tokens.json")
 COMPLETE = ".ezmia-complete"
 
 
@@ -538,7 +538,7 @@ def _same_file(a: Path, b: Path) -> bool:
 def _check_same_tokenizer(target_dir: Path, reference_dir: Path) -> None:
     """Refuse two tokenizers with different vocabularies; byte-identical tokenizer files are
     the same tokenizer, without loading either."""
-    names = TOKENIZER_FILES + TOKENIZER_SIDECARS
+    names = TOKENIZER_FILES + TOKENIZER_EXTRA_FILES
     if all(_same_file(target_dir / name, reference_dir / name) for name in names):
         return
     if load_tokenizer(target_dir).get_vocab() != load_tokenizer(reference_dir).get_vocab():
@@ -622,7 +622,7 @@ def merged_adapter_dir(plan: ModelPlan, cache_dir: str | Path | None = None) -> 
     staging = out.with_name(f".{key}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     merged.save_pretrained(staging, safe_serialization=True)
-    for name in TOKENIZER_FILES + TOKENIZER_SIDECARS:
+    for name in TOKENIZER_FILES + TOKENIZER_EXTRA_FILES:
         if (plan.tokenizer / name).exists():
             shutil.copy(plan.tokenizer / name, staging / name)
     (staging / COMPLETE).write_text(key)
