@@ -37,8 +37,9 @@ import numpy as np
 from ezmia.backends.base import PassColumns, Role, stats_from_columns
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError
+from ezmia.plan.checks import vocab_sizes
 from ezmia.plan.memory import engine_settings
-from ezmia.plan.models import ModelPlan, context_length, merged_adapter_dir, vocab_sizes
+from ezmia.plan.models import ModelPlan, context_length, merged_adapter_dir
 from ezmia.stats.scores import TokenStats
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from ezmia.data import outputs, storage
 from ezmia.demo.build import DEMO_CORPUS, DEMO_COUNTS, DemoArtifacts, build_demo_artifacts
 from ezmia.demo.train import DEMO_SIZES
 from ezmia.fleet.index import report_location, today
-from ezmia.plan.models import cache_root
+from ezmia.plan.fetch import cache_root
 from ezmia.report.model import Summary, SummaryData
 from ezmia.stats.metrics import FPR_POINTS
 from ezmia.stats.scores import SCORES

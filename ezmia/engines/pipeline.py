@@ -52,7 +52,8 @@ from ezmia.engines.scoring import (
     tokenize_rows,
 )
 from ezmia.errors import OutputError
-from ezmia.plan.models import ModelPlan, resolve_tokenizer_dir
+from ezmia.plan.fetch import resolve_tokenizer_dir
+from ezmia.plan.models import ModelPlan
 from ezmia.plan.planner import AuditPlan
 
 SLICE = "__slice"

@@ -29,12 +29,9 @@ from ezmia.data.datasets import ROW_INDEX
 from ezmia.data.schema import scores_schema
 from ezmia.data.text import tokenize
 from ezmia.errors import ModelError
-from ezmia.plan.models import (
-    ModelPlan,
-    check_checkpoint,
-    resolve_model_dir,
-    resolve_tokenizer_dir,
-)
+from ezmia.plan.checks import check_checkpoint
+from ezmia.plan.fetch import resolve_model_dir, resolve_tokenizer_dir
+from ezmia.plan.models import ModelPlan
 from ezmia.stats.metrics import detection_threshold
 from ezmia.stats.scores import score_sequence
 

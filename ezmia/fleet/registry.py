@@ -16,7 +16,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from ezmia.data import storage
-from ezmia.plan.models import PICKLE_WEIGHTS, SAFE_WEIGHTS
+from ezmia.plan.fetch import PICKLE_WEIGHTS, SAFE_WEIGHTS
 
 SIDECAR = "ezmia.yaml"
 CONFIGS = ("config.json", "adapter_config.json")

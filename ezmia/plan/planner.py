@@ -27,13 +27,9 @@ from ezmia.data.datasets import (
     read_keys,
 )
 from ezmia.errors import InputError
-from ezmia.plan.models import (
-    ModelPlan,
-    cache_root,
-    check_vocabulary,
-    context_length,
-    plan_models,
-)
+from ezmia.plan.checks import check_vocabulary
+from ezmia.plan.fetch import cache_root
+from ezmia.plan.models import ModelPlan, context_length, plan_models
 from ezmia.stats import blind
 from ezmia.stats.metrics import min_nonmembers
 

@@ -15,7 +15,8 @@ from tokenizers import processors
 
 from ezmia.data.text import load_tokenizer, text_hash, tokenize
 from ezmia.errors import ModelError
-from ezmia.plan.models import ModelPlan, check_vocabulary, vocab_sizes
+from ezmia.plan.checks import check_vocabulary, vocab_sizes
+from ezmia.plan.models import ModelPlan
 
 WORDS = " ".join(f"word{i}" for i in range(60))
 

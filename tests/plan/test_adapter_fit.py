@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 from ezmia.cli import main
 from ezmia.errors import ModelError
-from ezmia.plan.models import check_adapter_fits
+from ezmia.plan.checks import check_adapter_fits
 from tests.conftest import audit_args
 
 Tensors = dict

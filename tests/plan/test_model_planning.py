@@ -10,7 +10,9 @@ import threading
 import pytest
 
 from ezmia.errors import ModelError
-from ezmia.plan.models import check_adapter_fits, plan_models, resolve_tokenizer_dir
+from ezmia.plan.checks import check_adapter_fits
+from ezmia.plan.fetch import resolve_tokenizer_dir
+from ezmia.plan.models import plan_models
 from tests.conftest import upload_dir
 
 
@@ -48,7 +50,7 @@ def test_a_planning_entry_without_the_weights_listing_is_fetched_again(
 ):
     """An older ezmia cached planning folders without the list of the weights they lack; such
     an entry must not read as a checkpoint without weights."""
-    from ezmia.plan.models import HEADER_LISTING, resolve_model_dir
+    from ezmia.plan.fetch import HEADER_LISTING, resolve_model_dir
 
     uri = upload_dir(s3.client(), models.full, bucket, "full")
     planned = resolve_model_dir(uri, tmp_path, weights=False)
@@ -59,7 +61,7 @@ def test_a_planning_entry_without_the_weights_listing_is_fetched_again(
 
 
 def test_concurrent_resolutions_on_one_machine_share_one_download(models, s3, bucket, tmp_path):
-    from ezmia.plan.models import resolve_model_dir
+    from ezmia.plan.fetch import resolve_model_dir
 
     uri = upload_dir(s3.client(), models.base, bucket, "base")
     found: list = []

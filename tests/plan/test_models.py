@@ -9,7 +9,8 @@ import os
 import shutil
 
 from ezmia.data import text
-from ezmia.plan.models import fingerprint, plan_models, resolve_model_dir
+from ezmia.plan.fetch import resolve_model_dir
+from ezmia.plan.models import fingerprint, plan_models
 from tests.conftest import upload_dir
 
 

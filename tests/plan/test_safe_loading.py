@@ -10,7 +10,7 @@ import pytest
 from ezmia.cli import main
 from ezmia.data import storage
 from ezmia.errors import ModelError
-from ezmia.plan.models import COMPLETE, resolve_model_dir
+from ezmia.plan.fetch import COMPLETE, resolve_model_dir
 from tests.conftest import upload_dir
 
 
