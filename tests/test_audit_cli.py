@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import subprocess
@@ -298,3 +299,44 @@ def _fs():
     import pyarrow.fs as pafs
 
     return pafs.FileSystem.from_uri("s3://x")[0]
+
+
+def audit_config(argv: list[str]):
+    from ezmia.cli import audit_config_from_args, build_parser
+
+    return audit_config_from_args(build_parser().parse_args(argv))
+
+
+def test_an_audit_collects_with_its_start_frozen_and_leaves_the_collector_as_it_was(
+    models, tmp_path
+):
+    """Python's collector is paused while an audit starts (imports, model loading) and then
+    runs with what the start left alive frozen; afterwards it is as it was, after a failed
+    audit too, and a collector the caller paused stays paused."""
+    from ezmia.audit import audit
+    from ezmia.errors import EzmiaError
+
+    frozen_when_collecting: list[int] = []
+
+    def watch(phase: str, _info: dict) -> None:
+        if phase == "start":
+            frozen_when_collecting.append(gc.get_freeze_count())
+
+    gc.callbacks.append(watch)
+    try:
+        audit(audit_config(audit_args(models, tmp_path / "ok")))
+    finally:
+        gc.callbacks.remove(watch)
+    assert any(count > 0 for count in frozen_when_collecting)
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+    with pytest.raises(EzmiaError):
+        audit(audit_config(audit_args(models, tmp_path / "no", target=tmp_path / "missing")))
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+    gc.disable()
+    try:
+        audit(audit_config(audit_args(models, tmp_path / "paused")))
+        assert not gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
