@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
+import threading
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,9 +66,10 @@ def connect(config: AuditConfig) -> None:
             )
         if address:
             _probe(address, flag)
-        cwd = os.getcwd()
+        cwd, sigterm = os.getcwd(), signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=address, log_to_driver=True)
+            _keep_sigterm_handler(sigterm)
             _reenter(cwd)
         except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError...
             reason = " ".join(str(err).split())[:300]
@@ -158,6 +161,14 @@ def _is_adapter_config(config: AuditConfig) -> bool:
 
 def _noop() -> None:
     """A task that needs only the job's runtime environment."""
+
+
+def _keep_sigterm_handler(handler) -> None:
+    """Put back the SIGTERM handler ``ray.init`` replaces with a bare ``sys.exit``: a stopped
+    job (``ray job stop``, a killed pod) then ends as on Ctrl-C, its output removed and exit
+    code 130, as the command line's handler does."""
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _reenter(cwd: str) -> None:
