@@ -116,7 +116,7 @@ def _collector_paused() -> Iterator[Callable[[], None]]:
     run, which the collector would otherwise scan again and again (about 1 s of a 4 s start).
     On leaving, frozen objects go back to the collector, so that a process running many
     audits frees each one's models."""
-    if not gc.isenabled():  # paused by the caller, or by another audit starting meanwhile
+    if not gc.isenabled() or gc.get_freeze_count():  # the caller's (or another audit's) choice
         yield lambda: None
         return
     gc.disable()

@@ -312,7 +312,7 @@ def test_an_audit_collects_with_its_start_frozen_and_leaves_the_collector_as_it_
 ):
     """Python's collector is paused while an audit starts (imports, model loading) and then
     runs with what the start left alive frozen; afterwards it is as it was, after a failed
-    audit too, and a collector the caller paused stays paused."""
+    audit too. A collector the caller paused stays paused, and what it froze stays frozen."""
     from ezmia.audit import audit
     from ezmia.errors import EzmiaError
 
@@ -340,3 +340,9 @@ def test_an_audit_collects_with_its_start_frozen_and_leaves_the_collector_as_it_
         assert not gc.isenabled() and gc.get_freeze_count() == 0
     finally:
         gc.enable()
+    gc.freeze()
+    try:
+        audit(audit_config(audit_args(models, tmp_path / "frozen")))
+        assert gc.isenabled() and gc.get_freeze_count() > 0  # not unfrozen by the audit
+    finally:
+        gc.unfreeze()
