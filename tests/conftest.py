@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from subprocess import PIPE, Popen
 
 import pytest
 
@@ -76,3 +82,41 @@ def audit_args(
         "--out", str(out), "--max-length", str(max_length),
         "--bootstrap-rounds", str(bootstrap_rounds), *extra,
     ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def audit_process(models, out: Path, *extra: str, copies: int) -> Iterator[tuple[Popen, list]]:
+    """``python -m ezmia audit`` of ``copies`` copies of the eval texts (unlabelled) into
+    ``out``, in a process of its own: yields it and its arguments once it holds the output's
+    lock; killed on leaving if it still runs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ezmia.data import outputs
+
+    data = out.parent / "many.parquet"
+    texts = pq.read_table(models.eval, columns=["text"]).column("text").to_pylist() * copies
+    pq.write_table(pa.table({"text": texts}), data)
+    args = ["audit", "--target", str(models.full), "--reference", str(models.base),
+            "--data", str(data), "--out", str(out), "--max-length", "64", *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = Popen([sys.executable, "-m", "ezmia", *args], env=env, stderr=PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / outputs.LOCK).exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "the audit never started writing"
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stderr.read()
+        yield proc, args
+    finally:
+        proc.kill()
+
+
+def stop_with_sigterm(proc: Popen, out: Path) -> list[str]:
+    """SIGTERM ``proc`` (an ``audit_process``), check it ended as on Ctrl-C (exit 130, its
+    output removed) and return its stderr lines."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert not out.exists()
+    return err.splitlines()

@@ -7,21 +7,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from ezmia.cli import main
 from ezmia.data import outputs, storage
 from ezmia.data.locks import LockHeld, Locks
-from tests.conftest import REPO, audit_args, upload_dir
+from tests.conftest import audit_args, audit_process, stop_with_sigterm, upload_dir
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -291,38 +289,14 @@ def test_a_heartbeat_keeps_a_long_held_lock_from_looking_stale(where, tmp_path, 
     assert not holder.renew(unrenewed)
 
 
-def big_unlabelled_data(models, path: Path, copies: int) -> Path:
-    table = pq.read_table(models.eval, columns=["text"])
-    texts = table.column("text").to_pylist() * copies
-    pq.write_table(pa.table({"text": texts}), path)
-    return path
-
-
 def test_sigterm_stops_an_audit_like_ctrl_c_and_a_second_writer_is_refused_meanwhile(
     models, tmp_path, capsys
 ):
-    data = big_unlabelled_data(models, tmp_path / "many.parquet", copies=200)
     out = tmp_path / "audit"
-    args = ["audit", "--target", str(models.full), "--reference", str(models.base),
-            "--data", str(data), "--out", str(out), "--max-length", "64"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ezmia", *args], env=env,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / outputs.LOCK).exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "the audit never started writing"
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read()
+    with audit_process(models, out, copies=200) as (proc, args):
         assert main(args) == 2
         refused(capsys, "being audited by ezmia audit", f"pid {proc.pid}")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
-    assert "interrupted" in err.splitlines()[-1]
-    assert not out.exists()
+        assert "interrupted" in stop_with_sigterm(proc, out)[-1]
 
 
 def test_two_audits_started_together_end_with_one_complete_output(models, tmp_path):

@@ -7,7 +7,6 @@ import io
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -20,8 +19,7 @@ import yaml
 
 from ezmia.audit import audit
 from ezmia.config import AuditConfig
-from ezmia.data import outputs
-from tests.conftest import REPO, upload_dir
+from tests.conftest import REPO, audit_process, stop_with_sigterm, upload_dir
 from tests.infra import (
     LocalRayCluster,
     listener_snapshot,
@@ -340,27 +338,9 @@ def test_requests_the_cluster_cannot_host_are_refused_before_data_and_actor_erro
 def test_sigterm_stops_a_ray_engine_audit_like_ctrl_c(cluster, models, tmp_path):
     """``ray.init`` replaces the SIGTERM handler with a bare ``sys.exit``: a stopped Ray job
     must still remove what it wrote and exit 130 with ezmia's line, as a local audit does."""
-    texts = pq.read_table(models.eval, columns=["text"]).column("text").to_pylist() * 50
-    data = tmp_path / "many.parquet"
-    pq.write_table(pa.table({"text": texts}), data)
     out = tmp_path / "audit"
-    args = ["audit", "--target", str(models.full), "--reference", str(models.base),
-            "--data", str(data), "--out", str(out), "--max-length", "64",
-            "--engine", "ray", "--ray-address", cluster.address]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "ezmia", *args], env=env,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / outputs.LOCK).exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, "the audit never started writing"
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stderr.read()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    ours = [line for line in err.splitlines() if line.startswith("ezmia:")]
-    assert proc.returncode == 130, err
-    assert ours and ours[-1].startswith("ezmia: interrupted;"), err
-    assert not out.exists()
+    extra = ("--engine", "ray", "--ray-address", cluster.address)
+    with audit_process(models, out, *extra, copies=50) as (proc, _args):
+        lines = stop_with_sigterm(proc, out)
+    ours = [line for line in lines if line.startswith("ezmia:")]
+    assert ours and ours[-1].startswith("ezmia: interrupted;"), lines
