@@ -189,14 +189,21 @@ def adapter_base(adapter_dir: Path) -> str:
 
 
 def has_tokenizer(path: Path) -> bool:
+    """Whether ``path`` holds a tokenizer's files."""
     return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
+def config_vocab_size(directory: Path) -> int | None:
+    """The ``vocab_size`` a checkpoint's config.json declares (a multimodal config's in its
+    ``text_config``), if it does."""
+    config = json.loads((directory / "config.json").read_text())
+    size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
 def check_same_vocab(target_dir: Path, reference_dir: Path) -> None:
-    sizes = [
-        json.loads((d / "config.json").read_text()).get("vocab_size")
-        for d in (target_dir, reference_dir)
-    ]
+    """Refuse a full target and a reference whose configs declare different vocabularies."""
+    sizes = [config_vocab_size(d) for d in (target_dir, reference_dir)]
     if sizes[0] != sizes[1]:
         raise ModelError(
             f"target {target_dir} has vocab_size {sizes[0]} but reference {reference_dir} has "
@@ -229,14 +236,8 @@ def vocab_sizes(plan: ModelPlan) -> list[tuple[Path, int]]:
     """The ``vocab_size`` of each scored model's config.json (an adapter scores on its
     reference's), where the config says."""
     dirs = [plan.reference] if plan.target_is_adapter else [plan.target, plan.reference]
-    sizes = []
-    for directory in dirs:
-        file = directory / "config.json"
-        config = json.loads(file.read_text())
-        size = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
-        if isinstance(size, int):
-            sizes.append((file, size))
-    return sizes
+    sizes = [(d / "config.json", config_vocab_size(d)) for d in dirs]
+    return [(file, size) for file, size in sizes if size is not None]
 
 
 def check_vocabulary(plan: ModelPlan) -> None:
