@@ -124,10 +124,9 @@ def _collector_paused() -> Iterator[Callable[[], None]]:
 
     def started() -> None:
         nonlocal frozen
-        if not frozen:
-            gc.freeze()
-            gc.enable()
-            frozen = True
+        gc.freeze()
+        gc.enable()
+        frozen = True
 
     try:
         yield started
