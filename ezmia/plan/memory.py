@@ -138,29 +138,20 @@ def plan_memory(
             f"tensor_parallel_size={tp}: it must divide {model}'s {shape.heads} attention "
             f"heads: use one of {', '.join(map(str, _divisors(shape.heads)))}"
         )
-    size = DTYPE_BYTES[dtype]
-    share = gpu_memory_bytes * LOGITS_SHARE
+    size, gpu = DTYPE_BYTES[dtype], gpu_memory_bytes
+    weights = shape.weights_per_gpu(tp, size)
+    share = gpu * LOGITS_SHARE
     steps = [t for t in STEP_TOKENS if t * shape.vocab * LOGIT_BYTES <= share] or STEP_TOKENS[-1:]
     for tokens in steps:
-        plan = _try(shape, size, tp, gpu_memory_bytes, max_model_len, tokens)
-        if plan is not None:
-            return plan
-    raise ModelError(_refusal(shape, model, dtype, tp, gpu_memory_bytes, max_model_len))
-
-
-def _try(
-    shape: Shape, size: int, tp: int, gpu: int, max_model_len: int, tokens: int
-) -> MemoryPlan | None:
-    logits = tokens * shape.vocab * LOGIT_BYTES
-    utilization = min(
-        MAX_UTILIZATION, math.floor(100 * (gpu - logits - OVERHEAD_BYTES) / gpu) / 100
-    )
-    weights = shape.weights_per_gpu(tp, size)
-    kv_needed = (max_model_len + tokens) * shape.kv_bytes_per_token(tp, size)
-    kv_left = int(utilization * gpu) - weights - shape.activation_bytes(tokens, tp, size)
-    if kv_left < kv_needed:
-        return None
-    return MemoryPlan(utilization, tokens, weights, logits, kv_left)
+        logits = tokens * shape.vocab * LOGIT_BYTES
+        utilization = min(
+            MAX_UTILIZATION, math.floor(100 * (gpu - logits - OVERHEAD_BYTES) / gpu) / 100
+        )
+        kv_needed = (max_model_len + tokens) * shape.kv_bytes_per_token(tp, size)
+        kv_left = int(utilization * gpu) - weights - shape.activation_bytes(tokens, tp, size)
+        if kv_left >= kv_needed:
+            return MemoryPlan(utilization, tokens, weights, logits, kv_left)
+    raise ModelError(_refusal(shape, model, dtype, tp, gpu, max_model_len))
 
 
 def _need(shape: Shape, size: int, tp: int, max_model_len: int) -> int:
@@ -182,9 +173,9 @@ def _refusal(shape: Shape, model: str, dtype: str, tp: int, gpu: int, max_model_
     fits = [
         t for t in _divisors(shape.heads) if t > tp and _need(shape, size, t, max_model_len) <= gpu
     ]
-    more_tp = f"tensor_parallel_size={fits[0]} (GPUs per model stage)" if fits else None
-    bigger = f"GPUs with >= {math.ceil(need / GIB)} GiB each"
-    fix = f"{more_tp} or {bigger}" if more_tp else bigger
+    fix = f"GPUs with >= {math.ceil(need / GIB)} GiB each"
+    if fits:
+        fix = f"tensor_parallel_size={fits[0]} (GPUs per model stage) or {fix}"
     return (
         f"{model} does not fit: in {dtype} at tensor_parallel_size={tp} it needs "
         f"{math.ceil(need / GIB)} GiB per GPU ({shape.weights_per_gpu(tp, size) / GIB:.1f} GiB "
@@ -221,7 +212,4 @@ def engine_settings(
         max_model_len=max_model_len,
     )
     share = plan.gpu_memory_utilization / engines_per_gpu
-    return {
-        "gpu_memory_utilization": min(requested_share, share),
-        "max_num_batched_tokens": plan.max_num_batched_tokens,
-    }
+    return {**plan.engine_args(), "gpu_memory_utilization": min(requested_share, share)}
