@@ -68,23 +68,17 @@ class BlindSample:
         return blind.blind_baseline(features, np.concatenate(self.labels), bootstrap_rounds, seed)
 
 
-def resolve_models(config: AuditConfig, weights: bool = True) -> ModelPlan:
-    """The config's target and reference, resolved (downloaded) and checked on this node;
-    without ``weights`` (a Ray driver), S3 models without their weight files."""
-    return plan_models(
+def plan_audit(config: AuditConfig) -> AuditPlan:
+    """Resolve models and datasets and refuse bad input, before touching the output."""
+    started = time.perf_counter()
+    models = plan_models(
         config.target,
         config.reference,
         allow_pickle=config.allow_pickle,
         trust_remote_code=config.trust_remote_code,
         cache_dir=config.cache_dir,
-        weights=weights,
+        weights=not use_ray(config),  # a Ray driver plans; its actors fetch the weights
     )
-
-
-def plan_audit(config: AuditConfig) -> AuditPlan:
-    """Resolve models and datasets and refuse bad input, before touching the output."""
-    started = time.perf_counter()
-    models = resolve_models(config, weights=not use_ray(config))  # Ray: actors fetch weights
     check_vocabulary(models)
     limit = context_length(models)
     if limit is not None and config.max_length > limit:
@@ -93,12 +87,9 @@ def plan_audit(config: AuditConfig) -> AuditPlan:
             f"({models.reference}/config.json); use --max-length {limit} or less"
         )
     columns = Columns(config.text_column, config.id_column, config.label_column)
-    if config.members:
-        uris = [*config.members, *config.nonmembers]
-        labels = [True] * len(config.members) + [False] * len(config.nonmembers)
-        fragments = plan_fragments(uris, columns, labels)
-    else:
-        fragments = plan_fragments(config.data, columns)
+    uris = [*config.data, *config.members, *config.nonmembers]  # --data, or the two sides
+    labels = [True] * len(config.members) + [False] * len(config.nonmembers)
+    fragments = plan_fragments(uris, columns, labels or None)
     calibration = plan_fragments(config.calibration, Columns(config.text_column))
     plan = AuditPlan(config, models, columns, fragments, calibration)
     check_rows(plan)
