@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 from ezmia.data import storage
@@ -49,8 +49,7 @@ def resolve_model_dir(uri: str, cache_dir: str | Path | None = None, weights: bo
     file's header only (``HEADER``; range requests): enough to plan and check, never to load."""
     cache = cache_root(cache_dir)
     if storage.is_s3(uri) and not weights:
-        small = lambda rel: not is_weight_file(rel)  # noqa: E731
-        return _download_s3_model(uri, cache / "plans", select=small, headers=True)
+        return _download_s3_model(uri, cache / "plans", weights=False, headers=True)
     if storage.is_s3(uri):
         return _download_s3_model(uri, cache / "models")
     path = Path(uri).expanduser()
@@ -58,7 +57,15 @@ def resolve_model_dir(uri: str, cache_dir: str | Path | None = None, weights: bo
         return path.resolve()
     if path.exists() or uri.startswith((".", "/", "~")):
         raise InputError(f"{uri}: model path is not a directory (expected a checkpoint folder)")
-    return _download_hub_model(uri, cache / "hub")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(uri, cache_dir=str(cache / "hub")))
+    except Exception as err:  # the hub client raises many types; all mean "not reachable"
+        raise InputError(
+            f"{uri}: not a local directory or s3:// prefix, and the model hub could not "
+            f"provide it ({type(err).__name__}). Pass a local path or s3:// URI."
+        ) from err
 
 
 def is_weight_file(name: str) -> bool:
@@ -71,7 +78,7 @@ def resolve_tokenizer_dir(uri: str, cache_dir: str | Path | None = None) -> Path
     its small files (configs, tokenizer), downloaded once per machine; never its weights."""
     if storage.is_s3(uri):
         cache = cache_root(cache_dir) / "tokenizers"
-        return _download_s3_model(uri, cache, select=lambda rel: not is_weight_file(rel))
+        return _download_s3_model(uri, cache, weights=False)
     return resolve_model_dir(uri, cache_dir)
 
 
@@ -88,13 +95,11 @@ def _cache_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _download_s3_model(
-    uri: str, cache: Path, select: Callable[[str], bool] | None = None, headers: bool = False
-) -> Path:
-    """Download every object under the prefix (those ``select`` accepts) once per machine,
-    under a file lock that concurrent processes share; each file is checked against the
-    listing's size and, for single-part uploads, its MD5 ETag. A cached copy is reused only
-    while its files still have the listed sizes."""
+def _download_s3_model(uri: str, cache: Path, weights: bool = True, headers: bool = False) -> Path:
+    """Download every object under the prefix (without ``weights``, all but the weight files)
+    once per machine, under a file lock that concurrent processes share; each file is checked
+    against the listing's size and, for single-part uploads, its MD5 ETag. A cached copy is
+    reused only while its files still have the listed sizes."""
     bucket, prefix = storage.split_s3(uri.rstrip("/") + "/")
     client = storage.s3_client()
     objects = []
@@ -106,8 +111,8 @@ def _download_s3_model(
     listing = sorted((o["Key"][len(prefix) :], o["ETag"], o["Size"]) for o in objects)
     files = [(rel, etag, size) for rel, etag, size in listing if rel and not rel.endswith("/")]
     key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:24]
-    if select is not None:
-        files = [f for f in files if select(f[0])]
+    if not weights:
+        files = [f for f in files if not is_weight_file(f[0])]
     target = cache / key
     if _cached(target, files, headers):
         return target
@@ -209,18 +214,6 @@ def _verify_download(client, bucket: str, key: str, dest: Path, etag: str, size:
         f"{uri}: downloaded content has MD5 {digest.hexdigest()}, the object's ETag says "
         f"{etag}; the download is corrupt, retry"
     )
-
-
-def _download_hub_model(repo_id: str, cache: Path) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, cache_dir=str(cache)))
-    except Exception as err:  # the hub client raises many types; all mean "not reachable"
-        raise InputError(
-            f"{repo_id}: not a local directory or s3:// prefix, and the model hub could not "
-            f"provide it ({type(err).__name__}). Pass a local path or s3:// URI."
-        ) from err
 
 
 def matching_files(path: Path, patterns: tuple[str, ...]) -> list[Path]:
