@@ -16,14 +16,8 @@ import typing
 
 from pydantic import BaseModel
 
-from ezmia.config import AuditConfig, load_yaml, parse_model
+from ezmia.config import AuditConfig, load_yaml, option_group, parse_model
 from ezmia.errors import EzmiaError, Interrupted
-
-
-def _nested(info) -> type[BaseModel] | None:
-    """The option group a field holds (``ray``, ``vllm``), if it is one."""
-    kind = info.annotation
-    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix="") -> None:
@@ -31,27 +25,23 @@ def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], pr
     defaults from the field itself; booleans as ``--x/--no-x`` so a YAML value can be
     switched either way."""
     for name, info in model.model_fields.items():
-        if group := _nested(info):
+        if group := option_group(info):
             _add_model_flags(parser, group, f"{prefix}{name}_")
             continue
-        flag = "--" + (prefix + name).replace("_", "-")
         dest = prefix + name
-        origin = typing.get_origin(info.annotation)
+        flag = "--" + dest.replace("_", "-")
         text = (info.description or "").replace("%", "%%")
         if info.annotation is bool:
             parser.add_argument(
                 flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text
             )
-        elif origin is list:
+        elif typing.get_origin(info.annotation) is list:
             parser.add_argument(
                 flag, dest=dest, action="append", metavar="URI", help=text + " (repeatable)"
             )
         else:
-            literal = next(
-                (a for a in [info.annotation, *typing.get_args(info.annotation)]
-                 if typing.get_origin(a) is typing.Literal),
-                None,
-            )  # fmt: skip
+            kinds = [info.annotation, *typing.get_args(info.annotation)]
+            literal = next((a for a in kinds if typing.get_origin(a) is typing.Literal), None)
             choices = typing.get_args(literal) if literal else None
             default = None if info.is_required() else info.default
             hint = "" if default is None or default is False else f" (default: {default})"
@@ -62,7 +52,7 @@ def _flag_values(values: dict, model: type[BaseModel], data: dict, prefix: str =
     """``data`` (from YAML) with every flag given on the command line put over it."""
     merged = dict(data)
     for name, info in model.model_fields.items():
-        if group := _nested(info):
+        if group := option_group(info):
             nested = _flag_values(values, group, dict(data.get(name) or {}), f"{prefix}{name}_")
             if nested:
                 merged[name] = nested
@@ -145,11 +135,6 @@ def run(args: argparse.Namespace) -> int:
     return run_scan(args.registry, args.out, args.policy, args.engine)
 
 
-def _one_line(message: str) -> str:
-    """Errors are one line on stderr, whatever a library put in them."""
-    return " ".join(message.split())
-
-
 def _interrupt(signum: int, _frame) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
@@ -166,22 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except EzmiaError as err:
-        print(f"ezmia: error: {_one_line(str(err))}", file=sys.stderr)
-        return 2
+        message = str(err)
     except Exception as err:
         from ezmia.data.storage import describe_s3_error
 
         reason = describe_s3_error(err)  # an S3 failure no module mapped: still one line
         if reason is None:
             raise
-        print(f"ezmia: error: S3: {_one_line(reason)}", file=sys.stderr)
-        return 2
+        message = f"S3: {reason}"
     except KeyboardInterrupt:
         print(
             "ezmia: interrupted; what this run wrote was removed (no _SUCCESS): rerun to finish",
             file=sys.stderr,
         )
         return 130
+    print(f"ezmia: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+    return 2
 
 
 def command(argv: list[str] | None = None) -> int:

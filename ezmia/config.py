@@ -11,6 +11,7 @@ from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 from ezmia.data.storage import Encryption
 from ezmia.errors import InputError
@@ -244,14 +245,18 @@ def _problem(model: type[Strict], error: dict) -> str:
     return f"{key}: {message}"
 
 
+def option_group(field: FieldInfo | None) -> type[BaseModel] | None:
+    """The option group a field holds (``ray``, ``vllm``), if it is one."""
+    kind = field.annotation if field else None
+    return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+
+
 def _fields_at(model: type[BaseModel], path: list[str]) -> dict:
     """The fields of the (nested) model at ``path``; empty when there is none."""
     for part in path:
-        field = model.model_fields.get(part)
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = option_group(model.model_fields.get(part))
+        if model is None:
             return {}
-        model = annotation
     return model.model_fields
 
 
