@@ -94,10 +94,9 @@ def plan_models(
 ) -> ModelPlan:
     """Resolve, check and pair the target with its reference. Without ``weights`` (a Ray
     driver, which plans but never loads), S3 models are fetched without their weights."""
+    safety = {"allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     target_dir = resolve_model_dir(target, cache_dir, weights)
-    is_adapter = check_checkpoint(
-        target_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-    )
+    is_adapter = check_checkpoint(target_dir, **safety)
     if reference is None:
         if not is_adapter:
             raise InputError(
@@ -114,9 +113,7 @@ def plan_models(
             ) from err
     else:
         reference_dir = resolve_model_dir(reference, cache_dir, weights)
-    if check_checkpoint(
-        reference_dir, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-    ):
+    if check_checkpoint(reference_dir, **safety):
         raise InputError(f"{reference}: the reference must be a full checkpoint, not an adapter")
     tokenizer_dir = target_dir if has_tokenizer(target_dir) else reference_dir
     if not has_tokenizer(tokenizer_dir):
