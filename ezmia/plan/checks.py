@@ -178,9 +178,8 @@ def _lora_mismatch(
 
 def adapter_base(adapter_dir: Path) -> str:
     """The base model an adapter was trained on, as recorded in its config."""
-    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path"
-    )
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
     if not base:
         raise ModelError(
             f"{adapter_dir}/adapter_config.json: no base_model_name_or_path; pass --reference"
