@@ -218,7 +218,8 @@ def _probe(address: str, flag: str) -> None:
 
 def check_request(options: RayOptions, device: str, gpus: float) -> None:
     """Refuse GPU requests (``gpus`` per actor) Ray cannot grant and a ``--device`` the model
-    stages' actors will not see (no cluster needed)."""
+    stages' actors will not see: Ray hides GPUs from actors that ask for none and numbers an
+    actor's GPUs from ``cuda:0`` (no cluster needed)."""
     for flag, value in (("cpus", options.cpus_per_actor), ("gpus", gpus)):
         if 0 < value < RESOURCE_STEP:
             raise InputError(
@@ -230,7 +231,27 @@ def check_request(options: RayOptions, device: str, gpus: float) -> None:
             f"--ray-gpus-per-actor {gpus:g}: Ray grants more than one GPU only in whole GPUs; "
             "use a whole number, or a fraction below 1 to share a GPU"
         )
-    _check_actor_device(device, gpus)
+    if device in ("auto", "cpu"):
+        return
+    parsed = parse_device(device)
+    if parsed.type != "cuda":
+        raise InputError(
+            f"--device {device}: Ray gives scoring actors CPUs and CUDA GPUs only; use --device "
+            "auto, cpu or cuda (with --ray-gpus-per-actor), or --engine local"
+        )
+    if not gpus:
+        raise InputError(
+            f"--device {device}: the scoring actors ask for no GPU (--ray-gpus-per-actor 0), so "
+            "Ray hides CUDA from them; pass --ray-gpus-per-actor 1 (or a fraction to share a "
+            "GPU), or --device auto"
+        )
+    visible = max(1, math.floor(gpus))
+    if parsed.index is not None and parsed.index >= visible:
+        raise InputError(
+            f"--device {device}: each scoring actor sees {visible} GPU"
+            f"{'s' if visible > 1 else ''} (--ray-gpus-per-actor {gpus:g}), numbered from "
+            "cuda:0 on its node; use --device cuda"
+        )
 
 
 def check_resources(
@@ -306,32 +327,6 @@ def _describe_nodes(shapes: list[tuple[float, float]], types: list[tuple[float, 
         )
     kinds = ", ".join(f"({c:g} CPU, {g:g} GPU)" for c, g in sorted(set(types)))
     return f"alive nodes now: {listed or 'none'}; autoscaling node types: {kinds}"
-
-
-def _check_actor_device(device: str, gpus: float) -> None:
-    """A ``--device`` a scoring actor can use: Ray hides GPUs from actors that ask for none
-    and numbers an actor's GPUs from ``cuda:0``."""
-    if device in ("auto", "cpu"):
-        return
-    parsed = parse_device(device)
-    if parsed.type != "cuda":
-        raise InputError(
-            f"--device {device}: Ray gives scoring actors CPUs and CUDA GPUs only; use --device "
-            "auto, cpu or cuda (with --ray-gpus-per-actor), or --engine local"
-        )
-    if not gpus:
-        raise InputError(
-            f"--device {device}: the scoring actors ask for no GPU (--ray-gpus-per-actor 0), so "
-            "Ray hides CUDA from them; pass --ray-gpus-per-actor 1 (or a fraction to share a "
-            "GPU), or --device auto"
-        )
-    visible = max(1, math.floor(gpus))
-    if parsed.index is not None and parsed.index >= visible:
-        raise InputError(
-            f"--device {device}: each scoring actor sees {visible} GPU"
-            f"{'s' if visible > 1 else ''} (--ray-gpus-per-actor {gpus:g}), numbered from "
-            "cuda:0 on its node; use --device cuda"
-        )
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
