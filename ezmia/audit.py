@@ -34,10 +34,8 @@ def run_metadata(plan: AuditPlan, backend_choice: dict) -> RunMetadata:
     """Configuration, fingerprints, versions and backend choice recorded in the summary."""
     versions = {}
     for package in PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
     return RunMetadata(
         name=plan.config.display_name,
         config=plan.config.model_dump(mode="json"),
