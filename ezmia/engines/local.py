@@ -81,9 +81,7 @@ class LocalEngine:
                 table = add_flagged(self._score_fragment(fragment, bar), threshold)
                 if output is not None:
                     output.write_part(index, table)
-                parts.append(
-                    table.drop_columns(["text"]) if "text" in table.column_names else table
-                )
+                parts.append(table.select([c for c in table.column_names if c != "text"]))
         return pa.concat_tables(parts)
 
     def _score_fragment(self, fragment: Fragment, bar: tqdm) -> pa.Table:

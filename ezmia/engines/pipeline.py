@@ -185,9 +185,8 @@ class RayEngine:
             if self.plan.calibration:
                 scores, detection = self._detect(output)
             else:
-                fragments = self.plan.fragments
-                scored = self._scored(self._read(fragments))
-                scores, detection = self._write(scored, fragments, output, None), None
+                scored = self._scored(self._read(self.plan.fragments))
+                scores, detection = self._write(scored, self.plan.fragments, output, None), None
         except RayError as err:
             raise cluster_error(err) from err
         self.backend_choice = self._choice(scores)
