@@ -251,10 +251,8 @@ def write_scores(
     out: str, table: pa.Table, encryption: storage.Encryption | None, part: int = 0
 ) -> str:
     """Write one Parquet part of the scores table (a name ``Output.claim`` recorded)."""
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
     uri = storage.join(out, part_name(part))
-    storage.write_bytes(uri, buffer.getvalue(), encryption)
+    storage.write_parquet(uri, table, encryption)
     return uri
 
 

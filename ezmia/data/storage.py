@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from ezmia.errors import EzmiaError, InputError, OutputError
 
@@ -203,6 +206,13 @@ def write_bytes(uri: str, data: bytes, encryption: Encryption | None = None) -> 
         tmp.replace(path)
     except OSError as err:
         raise OutputError(f"{uri}: cannot write ({err.strerror or err})") from err
+
+
+def write_parquet(uri: str, table: pa.Table, encryption: Encryption | None = None) -> None:
+    """Write ``table`` as one Parquet file or object (see ``write_bytes``)."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue(), encryption)
 
 
 def list_files(prefix: str) -> list[str]:

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import re
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ezmia.audit import AuditResult
 from ezmia.config import AuditConfig
@@ -91,9 +89,7 @@ def write_index(
     folder = storage.join(root, "index", f"date={date or today()}")
     schema = index_schema()
     for row in rows:
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist([row], schema=schema), buffer)
         key = hashlib.sha256(row["report_uri"].encode()).hexdigest()[:24]
-        storage.write_bytes(storage.join(folder, f"audits-{key}.parquet"), buffer.getvalue(),
-                            encryption)  # fmt: skip
+        table = pa.Table.from_pylist([row], schema=schema)
+        storage.write_parquet(storage.join(folder, f"audits-{key}.parquet"), table, encryption)
     return folder

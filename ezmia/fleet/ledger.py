@@ -6,11 +6,8 @@ and never rewrites a file, so concurrent scans and analysts can read it at any t
 
 from __future__ import annotations
 
-import io
-
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from ezmia.data import storage
 from ezmia.data.schema import LEDGER_SCHEMA
@@ -49,11 +46,10 @@ class Ledger:
         """Write ``rows`` as this scan's next part file; returns its URI."""
         if not rows:
             return None
-        buffer = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA), buffer)
         name = f"scan-{self.scan_id}-{self.parts:04d}.parquet"
         uri = storage.join(self.root, f"date={self.date}", name)
-        storage.write_bytes(uri, buffer.getvalue(), self.encryption)
+        table = pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
+        storage.write_parquet(uri, table, self.encryption)
         self.parts += 1
         self.seen.add(uri)
         return uri
