@@ -33,7 +33,10 @@ class Ledger:
         new = [f for f in files if f not in self.seen]
         if not new:
             return
-        for row in read_rows(new, self.root):
+        fs, _ = storage.arrow_filesystem(self.root)
+        paths = [f.removeprefix("s3://") for f in new]  # pyarrow's S3 paths: bucket/key
+        dataset = pads.dataset(paths, schema=LEDGER_SCHEMA, format="parquet", filesystem=fs)
+        for row in dataset.to_table().to_pylist():  # the parts read in parallel by pyarrow
             if row["status"] == "audited":
                 self.audited[(row["checkpoint_uri"], row["fingerprint"])] = row
         self.seen.update(new)
@@ -53,11 +56,3 @@ class Ledger:
         self.parts += 1
         self.seen.add(uri)
         return uri
-
-
-def read_rows(uris: list[str], root: str) -> list[dict]:
-    """Every row of the given ledger part files (read in parallel by pyarrow)."""
-    fs, _ = storage.arrow_filesystem(root)
-    paths = [u[len("s3://") :] if storage.is_s3(u) else u for u in uris]
-    dataset = pads.dataset(paths, schema=LEDGER_SCHEMA, format="parquet", filesystem=fs)
-    return dataset.to_table().to_pylist()
