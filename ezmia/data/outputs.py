@@ -264,7 +264,3 @@ def read_scores(out: str) -> pa.Table:
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(f))) for f in files]
     table = pa.concat_tables(tables, promote_options="permissive")
     return table.sort_by("source_row")
-
-
-def read_json(uri: str) -> dict:
-    return json.loads(storage.read_bytes(uri))

@@ -95,7 +95,7 @@ def carried_over(previous: dict, thresholds: Thresholds) -> dict:
         return row  # no leakage metrics to judge again: the earlier verdict stands
     summary_uri = storage.join(previous["report_uri"].rsplit("/", 1)[0], outputs.SUMMARY)
     try:
-        summary = Summary.model_validate(outputs.read_json(summary_uri))
+        summary = Summary.model_validate(json.loads(storage.read_bytes(summary_uri)))
     except (OSError, ValueError, EzmiaError) as err:  # ValueError: pydantic's too
         reason = f"{summary_uri}: the earlier audit's summary is unreadable ({describe(err)})"
         return row | {"verdict": "fail", "reason": f"{row['reason']}; {reason}"}

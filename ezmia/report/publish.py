@@ -10,6 +10,7 @@ is left as it was.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -91,7 +92,7 @@ def rerender(out: str) -> str:
 
 def _read_summary(uri: str) -> dict:
     try:
-        summary = outputs.read_json(uri)
+        summary = json.loads(storage.read_bytes(uri))
     except FileNotFoundError as err:
         raise OutputError(f"{uri}: missing, so this audit output is incomplete; {RERUN}") from err
     except (OSError, ValueError) as err:  # ValueError: invalid JSON or UTF-8
