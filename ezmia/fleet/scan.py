@@ -88,8 +88,7 @@ def ledger_row(scan: Scan, ckpt: Checkpoint, status: str, **fields) -> dict:
 def carried_over(previous: dict, thresholds: Thresholds) -> dict:
     """The report and metrics of an earlier audit, for an unchanged checkpoint, judged again
     against today's thresholds (the policy may have changed since)."""
-    keys = ("report_uri", "verdict", "leakage", "ez_auc", "ez_tpr_at_1pct_fpr",
-            "ez_tpr_at_0_1pct_fpr")  # fmt: skip
+    keys = ("report_uri", "verdict", "leakage", *(f"ez_{metric}" for metric in METRICS))
     row = {k: previous[k] for k in keys} | {"reason": f"audited by scan {previous['scan_id']}"}
     if previous["ez_auc"] is None:
         return row  # no leakage metrics to judge again: the earlier verdict stands
@@ -225,17 +224,13 @@ def print_summary(scan: Scan, rows: list[dict], alerts: str | None) -> None:
         print(f"alerts: {alerts}")
 
 
-def _exit(signum: int, _frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 @contextlib.contextmanager
 def sigterm_as_exit() -> Iterator[None]:
     """Turn SIGTERM into SystemExit while scanning, so the current lock is released."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _exit)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum))
     try:
         yield
     finally:
