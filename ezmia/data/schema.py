@@ -10,17 +10,20 @@ import pyarrow as pa
 from ezmia.stats.metrics import METRICS
 from ezmia.stats.scores import SCORES
 
-SCHEMA_VERSION = (
-    2  # 2: index gains verdict_score, blind_auc*, epsilon_lower_bound; TPRs null when unresolved
-)
+# 2: index gains verdict_score, blind_auc*, epsilon_lower_bound; TPRs null when unresolved
+SCHEMA_VERSION = 2
 
 
-def score_fields() -> list[pa.Field]:
-    """Columns of ``scores/*.parquet`` after ``id``: EZ with its status and counts, every
-    other registered score, then the row's provenance. Every score column: higher = more
+def scores_schema(
+    id_type: pa.DataType, labelled: bool, flagged: bool, with_text: bool
+) -> pa.Schema:
+    """The schema of ``scores/*.parquet`` for one audit's options: ``id``, EZ with its status
+    and counts, every other registered score, the row's provenance, then
+    ``is_member``/``flagged``/``text`` when present. Every score column: higher = more
     member-like."""
     others = [pa.field(column, pa.float64()) for column in SCORES if column != "ez_score"]
-    return [
+    fields = [
+        pa.field("id", id_type),
         pa.field("ez_score", pa.float64()),
         pa.field("ez_status", pa.string()),
         pa.field("n_tokens", pa.int32()),
@@ -32,14 +35,6 @@ def score_fields() -> list[pa.Field]:
         pa.field("source_row", pa.int64()),
         pa.field("backend", pa.string()),
     ]
-
-
-def scores_schema(
-    id_type: pa.DataType, labelled: bool, flagged: bool, with_text: bool
-) -> pa.Schema:
-    """The scores table's schema for one audit's options: ``id``, ``score_fields()``, then
-    ``is_member``/``flagged``/``text`` when present."""
-    fields = [pa.field("id", id_type), *score_fields()]
     if labelled:
         fields.append(pa.field("is_member", pa.bool_()))
     if flagged:
