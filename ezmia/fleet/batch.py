@@ -72,12 +72,10 @@ class Outcome:
 
 def merge(defaults: dict, entry: dict) -> dict:
     """``entry`` over ``defaults``, merging nested option groups (``ray``, ``vllm``)."""
-    merged = dict(defaults)
+    merged = {**defaults, **entry}
     for key, value in entry.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
+        if isinstance(value, dict) and isinstance(defaults.get(key), dict):
+            merged[key] = {**defaults[key], **value}
     return merged
 
 
@@ -168,8 +166,7 @@ def run_one(config: AuditConfig, root: str, date: str) -> Outcome:
     level = result.summary.verdict.level
     try:
         row = index.index_row(result, index.dataset_label(config))
-        encryption = config.encryption
-        index.write_index(root, [row], encryption, date)
+        index.write_index(root, [row], config.encryption, date)
     except Exception as err:
         return Outcome(name, level, report, f"{report} is finished but its index row was not "
                        f"written ({_describe(err)}); rerun the batch to index it")  # fmt: skip
