@@ -224,16 +224,20 @@ def list_files(prefix: str) -> list[str]:
         return sorted(str(p) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
     bucket, key = split_s3(prefix)
     folder = key if not key or key.endswith("/") else key + "/"
-    found: list[str] = []
     with s3_errors(prefix, "list"):
-        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-        for page in pages:
-            found.extend(
-                f"s3://{bucket}/{obj['Key']}"
-                for obj in page.get("Contents", [])
-                if obj["Key"] == key or obj["Key"].startswith(folder)
-            )
+        found = [
+            f"s3://{bucket}/{obj['Key']}"
+            for obj in s3_objects(bucket, key)
+            if obj["Key"] == key or obj["Key"].startswith(folder)
+        ]
     return sorted(found)
+
+
+def s3_objects(bucket: str, prefix: str) -> Iterator[dict]:
+    """Every object (a ``list_objects_v2`` entry) under ``prefix`` in ``bucket``, all pages."""
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    for page in pages:
+        yield from page.get("Contents", [])
 
 
 def delete(uri: str) -> None:

@@ -35,14 +35,8 @@ def list_objects(prefix: str) -> dict[str, str]:
     """Every file under ``prefix`` with a change tag: S3 ETag, or local size and mtime."""
     if storage.is_s3(prefix):
         bucket, key = storage.split_s3(prefix.rstrip("/") + "/")
-        pages = (
-            storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
-        )
-        return {
-            f"s3://{bucket}/{obj['Key']}": obj["ETag"].strip('"')
-            for page in pages
-            for obj in page.get("Contents", [])
-        }
+        objects = storage.s3_objects(bucket, key)
+        return {f"s3://{bucket}/{obj['Key']}": obj["ETag"].strip('"') for obj in objects}
     found = {}
     for folder, _, names in os.walk(prefix):
         for name in names:
