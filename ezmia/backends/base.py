@@ -56,7 +56,7 @@ class ScoringBackend(Protocol):
 
     ``name`` is recorded in the summary; ``provides_distribution`` is True when ``mu`` and
     ``sigma`` (Min-K%++) are filled; ``vocab_size`` bounds the token ids it accepts (None:
-    unknown).
+    unknown). A backend that subclasses it inherits ``token_stats``.
     """
 
     name: str
@@ -72,7 +72,7 @@ class ScoringBackend(Protocol):
     def token_stats(self, sequences: Sequence[Sequence[int]]) -> list[TokenStats]:
         """Statistics for each token-id sequence, in input order (role ``both`` only); fewer
         than 2 tokens gives ``TokenStats.empty()``."""
-        ...
+        return stats_from_columns(self.pass_columns(sequences))
 
     def close(self) -> None:
         """Release the models (and accelerator memory)."""

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 
 from ezmia.backends import check_device
-from ezmia.backends.base import PassColumns, Role, role_columns, stats_from_columns
+from ezmia.backends.base import PassColumns, Role, ScoringBackend, role_columns
 from ezmia.plan.models import ModelPlan, attach_adapter, load_causal_lm
-from ezmia.stats.scores import TokenStats
 
 # Configs whose logits are transformed after the head: score them from full logits.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -253,7 +252,7 @@ def length_batches(lengths: Sequence[int], max_rows: int, overhead: int) -> list
     return batches[::-1]
 
 
-class TorchBackend:
+class TorchBackend(ScoringBackend):
     """Scores with transformers models; works on CPU and CUDA, without Ray.
 
     The LM-head tile and the cost of a forward pass are picked for the device type
@@ -317,9 +316,6 @@ class TorchBackend:
         del self.target, self.reference
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-
-    def token_stats(self, sequences: Sequence[Sequence[int]]) -> list[TokenStats]:
-        return stats_from_columns(self.pass_columns(sequences))
 
     @torch.inference_mode()
     def pass_columns(self, sequences: Sequence[Sequence[int]]) -> PassColumns:

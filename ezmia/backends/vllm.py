@@ -34,13 +34,12 @@ from typing import Any, get_args
 
 import numpy as np
 
-from ezmia.backends.base import PassColumns, Role, stats_from_columns
+from ezmia.backends.base import PassColumns, Role, ScoringBackend
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError
 from ezmia.plan.checks import vocab_sizes
 from ezmia.plan.memory import engine_settings
 from ezmia.plan.models import ModelPlan, context_length, merged_adapter_dir
-from ezmia.stats.scores import TokenStats
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def _lora_rank(adapter_dir: Path) -> int:
     return next((r for r in sorted(get_args(MaxLoRARanks)) if r >= rank), rank)
 
 
-class VllmBackend:
+class VllmBackend(ScoringBackend):
     """Scores with two vLLM engines (target and reference), or one engine plus a LoRARequest."""
 
     name = "vllm"
@@ -238,9 +237,6 @@ class VllmBackend:
             return
         for llm in engines:
             _shutdown(llm)
-
-    def token_stats(self, sequences: Sequence[Sequence[int]]) -> list[TokenStats]:
-        return stats_from_columns(self.pass_columns(sequences))
 
     def pass_columns(self, sequences: Sequence[Sequence[int]]) -> PassColumns:
         empty, no_hits = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool)
