@@ -39,9 +39,10 @@ RESOURCE_STEP = 0.0001
 _HOST_PORT = re.compile(r"^(?:ray://)?\[?(?P<host>[^\]/]+?)\]?:(?P<port>\d+)/?$")
 
 
-def connect(config: AuditConfig) -> None:
+def connect(config: AuditConfig) -> dict[str, float]:
     """Join the Ray cluster (``--ray-address``, else ``RAY_ADDRESS``, else a new local one)
-    and refuse an audit its nodes cannot run, before any model or data is read."""
+    and refuse an audit its nodes cannot run, before any model or data is read. Returns
+    ``stage_gpus`` on the cluster joined (its alive nodes and node types)."""
     import ray
 
     address = config.ray.address or os.environ.get("RAY_ADDRESS") or None
@@ -79,10 +80,12 @@ def connect(config: AuditConfig) -> None:
             ) from err
     quiet_ray_data()
     nodes, types = ray.nodes(), node_types()
-    for gpus in sorted(set(stage_gpus(config, _has_gpus(nodes, types)).values())):
+    joined = stage_gpus(config, _has_gpus(nodes, types))
+    for gpus in sorted(set(joined.values())):
         if config.ray.gpus_per_actor is None:
             check_request(config.ray, config.device, gpus)
         check_resources(config.ray, nodes, types, gpus)
+    return joined
 
 
 def quiet_ray_data() -> None:
@@ -143,13 +146,6 @@ def stage_gpus(config: AuditConfig, cluster_has_gpus: bool) -> dict[str, float]:
     if not cluster_has_gpus:
         return {role: 0.0 for role in stages}
     return {role: float(config.vllm.stage_tensor_parallel_size(role)) for role in stages}
-
-
-def joined_stage_gpus(config: AuditConfig) -> dict[str, float]:
-    """``stage_gpus`` on the cluster this process joined (its alive nodes and node types)."""
-    import ray
-
-    return stage_gpus(config, _has_gpus(ray.nodes(), node_types()))
 
 
 def _is_adapter_config(config: AuditConfig) -> bool:

@@ -40,7 +40,7 @@ from ezmia.config import AuditConfig
 from ezmia.data import outputs, storage
 from ezmia.data.datasets import ROW_INDEX, Columns, Fragment, normalize, read_fragment
 from ezmia.data.text import load_tokenizer
-from ezmia.engines.cluster import cluster_error, connect, joined_stage_gpus
+from ezmia.engines.cluster import cluster_error, connect
 from ezmia.engines.scoring import (
     ModelStage,
     add_flagged,
@@ -172,7 +172,7 @@ class RayEngine:
     """Scores on the Ray cluster ``connect`` joined."""
 
     def __init__(self, plan: AuditPlan) -> None:
-        connect(plan.config)  # a no-op check when planning already joined
+        self.gpus = connect(plan.config)  # checked again; GPUs per actor of each model stage
         self.plan = plan
         self.backend_choice: dict = {}
 
@@ -225,7 +225,6 @@ class RayEngine:
             },
             batch_format="pyarrow",
         )
-        gpus = joined_stage_gpus(config)
         for role in model_stages(models.target_is_adapter):
             ds = ds.map_batches(
                 STAGE_ACTORS[role],
@@ -233,7 +232,7 @@ class RayEngine:
                 compute=ray.data.ActorPoolStrategy(
                     min_size=options.min_actors, max_size=options.max_actors
                 ),
-                num_gpus=gpus[role],
+                num_gpus=self.gpus[role],
                 num_cpus=options.cpus_per_actor,
                 batch_size=options.rows_per_block,
                 batch_format="pyarrow",
