@@ -58,10 +58,6 @@ class _InProcessEngines:
     owners = 0
 
     @classmethod
-    def acquire(cls) -> None:
-        cls.owners += 1
-
-    @classmethod
     def release(cls) -> None:
         cls.owners -= 1
         if cls.owners > 0:
@@ -135,9 +131,7 @@ class VllmBackend(ScoringBackend):
         both = plan.target_is_adapter and role == "both"
         self.lora_mode = vllm.lora_mode if both else "merge"
         self.vocab_size = min((size for _, size in vocab_sizes(plan)), default=None)
-        self._lora_request: Any = None
-        self.target: Any = None
-        self.reference: Any = None
+        self.target = self.reference = self._lora_request = None
         self._engines: list[Any] = []
         self._closed = False
         self._settings: dict[str, Any] = dict(
@@ -156,7 +150,7 @@ class VllmBackend(ScoringBackend):
             self._settings.update(tensor_parallel_size=tp, distributed_executor_backend="mp")
         self._overrides = self._env_overrides(context_length(plan))
         if self.in_process:
-            _InProcessEngines.acquire()
+            _InProcessEngines.owners += 1
         try:
             self._start(plan, vllm.gpu_memory_utilization, config.cache_dir)
         except BaseException:
