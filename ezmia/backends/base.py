@@ -17,18 +17,12 @@ runs the two on one copy of the weights where it can (an adapter on its base).""
 ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "target": ("lp_target", "target_top1", "mu", "sigma"),
     "reference": ("lp_reference",),
+    "both": ("lp_target", "target_top1", "mu", "sigma", "lp_reference"),
 }
-"""The per-position columns each pass emits (``mu``/``sigma`` only with the distribution)."""
+"""The per-position columns each role emits (``mu``/``sigma`` only with the distribution)."""
 
 PassColumns = dict[str, list[np.ndarray]]
 """Per-position arrays of each sequence, by column name (``ROLE_COLUMNS``)."""
-
-
-def role_columns(role: Role) -> tuple[str, ...]:
-    """The columns a backend of ``role`` emits."""
-    if role == "both":
-        return ROLE_COLUMNS["target"] + ROLE_COLUMNS["reference"]
-    return ROLE_COLUMNS[role]
 
 
 def stats_from_columns(columns: Mapping[str, Sequence[np.ndarray | None]]) -> list[TokenStats]:

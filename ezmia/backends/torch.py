@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ezmia.backends import check_device
-from ezmia.backends.base import PassColumns, Role, ScoringBackend, role_columns
+from ezmia.backends.base import ROLE_COLUMNS, PassColumns, Role, ScoringBackend
 from ezmia.plan.models import ModelPlan, attach_adapter, load_causal_lm
 
 # Configs whose logits are transformed after the head: score them from full logits.
@@ -322,7 +322,7 @@ class TorchBackend(ScoringBackend):
         empty = {"target_top1": np.zeros(0, dtype=bool)}
         columns: PassColumns = {
             name: [empty.get(name, np.zeros(0))] * len(sequences)
-            for name in role_columns(self.role)
+            for name in ROLE_COLUMNS[self.role]
         }
         scored = [i for i, s in enumerate(sequences) if len(s) >= 2]
         lengths = [len(sequences[i]) for i in scored]
@@ -341,18 +341,16 @@ class TorchBackend(ScoringBackend):
         lengths = torch.tensor([len(s) for s in sequences])
         valid = torch.arange(1, width) < lengths[:, None]
         ids, valid = ids.to(self._input_device), valid.to(self._input_device)
-        counts = (lengths - 1).tolist()
-        out: dict[str, list[np.ndarray]] = {}
+        out: dict[str, torch.Tensor] = {}
         if self.target is not None:
             target = self._pass(self.target, ids, valid, with_distribution=True)
             names = {"lp": "lp_target", "top1": "target_top1", "mu": "mu", "sigma": "sigma"}
-            for key, values in target.items():
-                out[names[key]] = [v.numpy() for v in torch.split(values.cpu(), counts)]
+            out.update((names[key], values) for key, values in target.items())
         if self.reference is not None:
             with self._reference_context():
-                reference = self._pass(self.reference, ids, valid, with_distribution=False)
-            out["lp_reference"] = [v.numpy() for v in torch.split(reference["lp"].cpu(), counts)]
-        return out
+                out["lp_reference"] = self._pass(self.reference, ids, valid, False)["lp"]
+        counts = (lengths - 1).tolist()
+        return {name: [v.numpy() for v in x.cpu().split(counts)] for name, x in out.items()}
 
     def _pass(
         self, model, ids: torch.Tensor, valid: torch.Tensor, with_distribution: bool
