@@ -334,12 +334,10 @@ class TorchBackend(ScoringBackend):
         return columns
 
     def _score_batch(self, sequences: list[Sequence[int]]) -> dict[str, list[np.ndarray]]:
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self._fill, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, : len(seq)] = torch.as_tensor(seq)
+        rows = [torch.as_tensor(seq, dtype=torch.long) for seq in sequences]
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self._fill)
         lengths = torch.tensor([len(s) for s in sequences])
-        valid = torch.arange(1, width) < lengths[:, None]
+        valid = torch.arange(1, ids.shape[1]) < lengths[:, None]
         ids, valid = ids.to(self._input_device), valid.to(self._input_device)
         out: dict[str, torch.Tensor] = {}
         if self.target is not None:
