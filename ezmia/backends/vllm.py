@@ -34,6 +34,7 @@ from typing import Any, get_args
 
 import numpy as np
 
+from ezmia.backends import scored_length
 from ezmia.backends.base import PassColumns, Role, ScoringBackend
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError
@@ -120,8 +121,6 @@ class VllmBackend(ScoringBackend):
     provides_distribution = False
 
     def __init__(self, plan: ModelPlan, config: AuditConfig, role: Role = "both") -> None:
-        from ezmia.backends import scored_length
-
         vllm = config.vllm
         self.role = role
         self.in_process = on_cpu()
