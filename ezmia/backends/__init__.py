@@ -18,6 +18,7 @@ May import: ``ezmia.errors``, ``ezmia.stats``, ``ezmia.data``, ``ezmia.config``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -273,9 +274,6 @@ def _torch_stats(
     plan: ModelPlan, config: AuditConfig, role: Role, sequences: list[list[int]]
 ) -> tuple[list[TokenStats], str]:
     """PyTorch's statistics of the canary and its dtype; the models are released after."""
-    backend = torch_backend(plan, config, role)
-    try:
+    with contextlib.closing(torch_backend(plan, config, role)) as backend:
         stats = stage_stats(backend.pass_columns(sequences))
         return stats, str(backend.dtype).removeprefix("torch.")
-    finally:
-        backend.close()
