@@ -353,10 +353,8 @@ class TorchBackend(ScoringBackend):
     def _pass(
         self, model, ids: torch.Tensor, valid: torch.Tensor, with_distribution: bool
     ) -> dict[str, torch.Tensor]:
-        """Statistics of every real predicted position, concatenated row by row.
-
-        Right padding needs no attention mask: real positions never attend to later ones.
-        """
+        """Statistics of every real predicted position, concatenated row by row (no attention
+        mask: see the module docstring)."""
         targets, inputs = ids[:, 1:][valid], ids[:, :-1]
         body, head = _body_and_head(model)
         if body is not None:
