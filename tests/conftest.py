@@ -66,6 +66,13 @@ def upload_dir(client, local: Path, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (a lock owner that died)."""
+    proc = Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def audit_args(
     models,
     out,

@@ -1,5 +1,6 @@
 """The nightly scan: discovery, sidecars and rules, ledger, unchanged detection, policy
-verdicts and alerts, locks (stale takeover, resume after a kill), concurrent scans, S3."""
+verdicts and alerts, resuming after a killed scan, concurrent scans, S3. The locks' own
+behaviour is tested in tests/data/test_locks.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import duckdb
@@ -19,14 +19,14 @@ import pytest
 import yaml
 
 from ezmia.data import storage
-from ezmia.data.locks import LockHeld, Locks
+from ezmia.data.locks import Locks
 from ezmia.data.schema import LEDGER_SCHEMA
 from ezmia.errors import OutputError
 from ezmia.fleet.index import report_location
 from ezmia.fleet.policy import load_policy
 from ezmia.fleet.registry import discover
 from ezmia.fleet.scan import lock_key, run_scan
-from tests.conftest import REPO, upload_dir
+from tests.conftest import REPO, dead_pid, upload_dir
 
 LENIENT = {"thresholds": {"max_tpr_at_0_1pct_fpr": 1.0, "max_tpr_at_1pct_fpr": 1.0, "max_auc": 1.0}}
 TINY = {"max_length": 32, "bootstrap_rounds": 5, "batch_size": 8}
@@ -296,33 +296,6 @@ def test_bad_config_and_audit_errors_are_recorded_and_scan_continues(tmp_path, m
         load_policy(bad_policy)
 
 
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path):
-    out = str(tmp_path / "out")
-    first = Locks(out, {"scan_id": "first"}, ttl_s=3600, encryption=storage.Encryption())
-    second = Locks(out, {"scan_id": "second"}, ttl_s=3600, encryption=storage.Encryption())
-    held = first.acquire("k")
-    with pytest.raises(LockHeld, match="scan first"):
-        second.acquire("k")
-    first.release(held)
-    again = second.acquire("k")  # released: free again
-
-    path = Path(out, "locks", "k.lock")
-    owner = json.loads(path.read_text())
-    path.write_text(json.dumps({**owner, "host": "elsewhere"}))
-    os.utime(path, (time.time() - 7200, time.time() - 7200))
-    taken = first.acquire("k")  # older than the TTL: taken over
-    second.release(again)  # no longer ours: must leave the new lock alone
-    assert json.loads(path.read_text())["scan_id"] == "first"
-    first.release(taken)
-    assert not path.exists()
-
-
 def test_killed_scan_is_resumed(tmp_path, models, data):
     registry = tmp_path / "registry"
     add_checkpoint(registry, "lora", models.lora, **data)
@@ -383,14 +356,3 @@ def test_scan_on_s3(tmp_path, s3, bucket, models, data, monkeypatch):
     assert storage.exists(last_scan(out)["team-a/lora"]["report_uri"])
     assert run_scan(registry, out, policy, "local") == 0
     assert statuses(out) == {"team-a/lora": "unchanged", "team-b/full": "skipped"}
-
-    locks = [Locks(out, {"scan_id": s}, 3600, storage.Encryption()) for s in ("one", "two")]
-    held = locks[0].acquire("k")  # conditional put (IfNoneMatch="*")
-    with pytest.raises(LockHeld, match="scan one"):
-        locks[1].acquire("k")
-    locks[1].ttl_s = 0
-    taken = locks[1].acquire("k")  # stale: replaced with a put conditional on its ETag
-    locks[0].release(held)  # IfMatch on the old ETag: the new owner's lock survives
-    assert storage.exists(taken.uri)
-    locks[1].release(taken)
-    assert not storage.exists(taken.uri)
