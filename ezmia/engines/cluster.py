@@ -268,10 +268,10 @@ def check_resources(
         if n.get("Alive")
     ]
     types = list(types)
-    if any(_actors_per_node(shape, cpus, gpus) for shape in types):
+    if any(actors_per_node(shape, cpus, gpus) for shape in types):
         return  # the autoscaler can start a node that hosts it (and more of them)
     counted = _describe_nodes(shapes, types)
-    fits = [_actors_per_node(shape, cpus, gpus) for shape in shapes]
+    fits = [actors_per_node(shape, cpus, gpus) for shape in shapes]
     if not any(fits):
         most_cpus = max((c for c, _ in shapes), default=0.0)
         most_gpus = max((g for _, g in shapes), default=0.0)
@@ -303,8 +303,9 @@ def check_resources(
         )
 
 
-def _actors_per_node(shape: tuple[float, float], cpus: float, gpus: float) -> int:
-    """How many actors of ``cpus`` and ``gpus`` a node of ``(CPU, GPU)`` hosts at once."""
+def actors_per_node(shape: tuple[float, float], cpus: float, gpus: float) -> int:
+    """How many actors (or audits) of ``cpus`` and ``gpus`` a node (or cluster) of ``(CPU, GPU)``
+    hosts at once."""
     counts = [math.floor(shape[0] / cpus + 1e-9)]
     if gpus:
         counts.append(math.floor(shape[1] / gpus + 1e-9))

@@ -19,7 +19,6 @@ import ctypes
 import datetime as dt
 import functools
 import logging
-import math
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed, wait
@@ -31,6 +30,7 @@ from pydantic import Field
 from ezmia.audit import audit
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
 from ezmia.data import outputs, storage
+from ezmia.engines.cluster import actors_per_node, connect, stage_gpus
 from ezmia.errors import EzmiaError, InputError, Interrupted
 from ezmia.fleet import index
 from ezmia.plan.planner import use_ray
@@ -103,8 +103,6 @@ def plan_batch(path: str) -> tuple[BatchConfig, list[AuditConfig]]:
 def footprint(config: AuditConfig, cluster_has_gpus: bool) -> tuple[float, float]:
     """CPUs and GPUs an audit's actors hold with every model stage's pool at ``max_actors``
     (a full target: target and reference stages; a LoRA target: one shared base stage)."""
-    from ezmia.engines.cluster import stage_gpus
-
     gpus = stage_gpus(config, cluster_has_gpus)
     actors = config.ray.max_actors
     return actors * len(gpus) * config.ray.cpus_per_actor, actors * sum(gpus.values())
@@ -117,10 +115,8 @@ def default_in_flight(configs: list[AuditConfig], cluster: dict[str, float]) -> 
     and by the CPUs left after ``TASK_CPUS``; at least 1, at most the number of audits."""
     shapes = [footprint(config, cluster.get("GPU", 0.0) > 0) for config in configs]
     cpus, gpus = max(c for c, _ in shapes), max(g for _, g in shapes)
-    fits = [math.floor((cluster.get("CPU", 0.0) - TASK_CPUS) / cpus + 1e-9)]
-    if gpus:
-        fits.append(math.floor(cluster.get("GPU", 0.0) / gpus + 1e-9))
-    return max(1, min(len(configs), *fits))
+    free = (cluster.get("CPU", 0.0) - TASK_CPUS, cluster.get("GPU", 0.0))
+    return max(1, min(len(configs), actors_per_node(free, cpus, gpus)))
 
 
 def join_cluster(configs: list[AuditConfig]) -> dict[str, float] | None:
@@ -131,8 +127,6 @@ def join_cluster(configs: list[AuditConfig]) -> dict[str, float] | None:
     if not on_ray:
         return None
     import ray
-
-    from ezmia.engines.cluster import connect
 
     with contextlib.suppress(EzmiaError):  # the first Ray audit reports it as its own failure
         connect(on_ray[0])
