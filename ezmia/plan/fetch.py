@@ -102,10 +102,8 @@ def _download_s3_model(uri: str, cache: Path, weights: bool = True, headers: boo
     reused only while its files still have the listed sizes."""
     bucket, prefix = storage.split_s3(uri.rstrip("/") + "/")
     client = storage.s3_client()
-    objects = []
     with storage.s3_errors(uri, "list the model prefix", ModelError):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            objects.extend(page.get("Contents", []))
+        objects = list(storage.s3_objects(bucket, prefix))
     if not objects:
         raise ModelError(f"{uri}: no objects under this model prefix (check the model path)")
     listing = sorted((o["Key"][len(prefix) :], o["ETag"], o["Size"]) for o in objects)
