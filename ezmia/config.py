@@ -196,6 +196,11 @@ class AuditConfig(Strict):
         return self
 
     @property
+    def datasets(self) -> list[str]:
+        """The data scored: ``--data``, or the member then the non-member files."""
+        return [*self.data, *self.members, *self.nonmembers]  # the validator allows one kind
+
+    @property
     def is_labelled(self) -> bool:
         return bool(self.label_column or self.members)
 

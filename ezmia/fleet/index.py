@@ -36,7 +36,7 @@ def report_location(root: str, name: str, date: str | None = None) -> str:
 
 def dataset_label(config: AuditConfig) -> str:
     """The index's ``dataset``: the audit's data files, or its member then non-member files."""
-    return ", ".join(config.data or [*config.members, *config.nonmembers])
+    return ", ".join(config.datasets)
 
 
 def index_row(result: AuditResult, dataset: str) -> dict:

@@ -87,9 +87,8 @@ def plan_audit(config: AuditConfig) -> AuditPlan:
             f"({models.reference}/config.json); use --max-length {limit} or less"
         )
     columns = Columns(config.text_column, config.id_column, config.label_column)
-    uris = [*config.data, *config.members, *config.nonmembers]  # --data, or the two sides
     labels = [True] * len(config.members) + [False] * len(config.nonmembers)
-    fragments = plan_fragments(uris, columns, labels or None)
+    fragments = plan_fragments(config.datasets, columns, labels or None)
     calibration = plan_fragments(config.calibration, Columns(config.text_column))
     plan = AuditPlan(config, models, columns, fragments, calibration)
     check_rows(plan)
@@ -101,7 +100,7 @@ def check_rows(plan: AuditPlan) -> None:
     """Refuse empty datasets, null or duplicate ids, single-class labels and rows that are
     both a member and a non-member (the same id or the same text). Reads one fragment at a
     time and keeps ids, labels and text digests only, never texts."""
-    sources = ", ".join(plan.config.data or [*plan.config.members, *plan.config.nonmembers])
+    sources = ", ".join(plan.config.datasets)
     if not sum(f.num_rows for f in plan.fragments):
         raise InputError(f"{sources}: the dataset has no rows; point --data at a non-empty one")
     calibration_rows = sum(f.num_rows for f in plan.calibration)
