@@ -294,6 +294,18 @@ def test_the_mode_follows_the_labels_and_calibration_given(values, mode, labelle
 
 
 @pytest.mark.parametrize(
+    ("values", "datasets"),
+    [
+        ({"data": ["a.parquet", "b/"]}, ["a.parquet", "b/"]),
+        ({"data": [], "members": ["m1", "m2"], "nonmembers": ["n1"]}, ["m1", "m2", "n1"]),
+    ],
+    ids=["data", "members-then-nonmembers"],
+)
+def test_the_datasets_are_the_data_or_the_member_then_the_nonmember_files(values, datasets):
+    assert config(**values).datasets == datasets
+
+
+@pytest.mark.parametrize(
     ("target", "name", "shown"),
     [
         ("s3://models/ckpt-7/", None, "ckpt-7"),
