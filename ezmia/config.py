@@ -6,6 +6,7 @@ Unknown keys are errors, so a typo in a YAML file never goes unnoticed.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Literal
 
@@ -238,8 +239,10 @@ def _problem(model: type[Strict], error: dict) -> str:
     if not loc:
         return message
     key = ".".join(loc)
-    if model is AuditConfig and loc[0] in AuditConfig.model_fields:
-        key += f" (--{'-'.join(loc).replace('_', '-')})"
+    names = [part for part in loc if not part.isdigit()]  # list items share their list's flag
+    option = _fields_at(model, names[:-1]).get(names[-1]) if model is AuditConfig else None
+    if option is not None and option_group(option) is None:
+        key += f" (--{'-'.join(names).replace('_', '-')})"
     if error["type"] == "extra_forbidden":
         known = list(_fields_at(model, loc[:-1]))
         close = difflib.get_close_matches(loc[-1], known, n=1)
@@ -252,14 +255,22 @@ def _problem(model: type[Strict], error: dict) -> str:
 
 def option_group(field: FieldInfo | None) -> type[BaseModel] | None:
     """The option group a field holds (``ray``, ``vllm``), if it is one."""
-    kind = field.annotation if field else None
+    return _model(field.annotation if field else None)
+
+
+def _model(kind: object) -> type[BaseModel] | None:
     return kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
 
 
 def _fields_at(model: type[BaseModel], path: list[str]) -> dict:
-    """The fields of the (nested) model at ``path``; empty when there is none."""
+    """The fields of the (nested) model at ``path``, where a number is an item of a list of
+    models; empty when there is none."""
     for part in path:
-        model = option_group(model.model_fields.get(part))
+        if part.isdigit():
+            continue  # the list's item model was taken at the list's own field
+        kind = field.annotation if (field := model.model_fields.get(part)) else None
+        items = typing.get_args(kind) if typing.get_origin(kind) is list else (kind,)
+        model = _model(items[0] if items else None)
         if model is None:
             return {}
     return model.model_fields
@@ -274,7 +285,8 @@ def load_yaml(path: str) -> dict:
     except FileNotFoundError as err:
         raise InputError(f"{path}: config file not found") from err
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
-        raise InputError(f"{path}: unreadable config ({str(err).splitlines()[0]})") from err
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise InputError(f"{path}: unreadable config ({reason})") from err
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a YAML mapping at the top level")
     return data
