@@ -214,7 +214,7 @@ class AuditConfig(Strict):
 
     @property
     def display_name(self) -> str:
-        return self.name or Path(self.target.rstrip("/")).name
+        return self.name or Path(self.target).name
 
     @property
     def encryption(self) -> Encryption:
