@@ -151,7 +151,8 @@ def s3_client():
         options["retries"] = {"total_max_attempts": int(env["EZMIA_S3_MAX_ATTEMPTS"])}
     elif chain.get_config_variable("max_attempts") is None:
         options["retries"] = {"total_max_attempts": S3_MAX_ATTEMPTS}
-    if chain.get_config_variable("retry_mode") is None:
+    # botocore fills in its own default mode (``legacy`` before 2025): ask what the user set
+    if not (env.get("AWS_RETRY_MODE") or chain.get_scoped_config().get("retry_mode")):
         options.setdefault("retries", {})["mode"] = "standard"
     return session.client("s3", config=Config(**options))
 
@@ -205,6 +206,8 @@ def write_bytes(uri: str, data: bytes, encryption: Encryption | None = None) -> 
         tmp.write_bytes(data)
         tmp.replace(path)
     except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a failed write or rename leaves nothing behind
         raise OutputError(f"{uri}: cannot write ({err.strerror or err})") from err
 
 

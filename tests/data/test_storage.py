@@ -487,10 +487,6 @@ def test_a_local_write_under_a_file_fails_with_one_output_error(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: write_bytes leaves its .NAME.tmp-PID file behind when the final rename fails",
-)
 def test_a_failed_local_write_leaves_no_temp_file(tmp_path):
     (tmp_path / "a.json").mkdir()  # the rename onto it fails
     with pytest.raises(OutputError, match="cannot write"):
