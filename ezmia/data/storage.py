@@ -1,7 +1,7 @@
 """Local paths and ``s3://`` URIs behind one small set of file operations.
 
 S3 goes through boto3 and pyarrow, which both honour the standard AWS chain
-(``AWS_ENDPOINT_URL``, credentials, region).
+(``AWS_ENDPOINT_URL``, credentials, region); pyarrow's timeouts and tries are boto3's.
 """
 
 from __future__ import annotations
@@ -158,10 +158,19 @@ def s3_client():
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it."""
-    if is_s3(uri):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    """A pyarrow filesystem and the path inside it. On S3, pyarrow resolves the endpoint and
+    region itself and takes its timeouts and number of tries from ``s3_client()``'s."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).resolve())
+    resolved, path = pafs.FileSystem.from_uri(uri)
+    options = resolved.__reduce__()[1][0]  # what from_uri resolved, as S3FileSystem's options
+    config = s3_client().meta.config
+    options |= {
+        "connect_timeout": config.connect_timeout,
+        "request_timeout": config.read_timeout,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(config.retries["total_max_attempts"]),
+    }
+    return pafs.S3FileSystem(**options), path
 
 
 def exists(uri: str) -> bool:

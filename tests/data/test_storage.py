@@ -252,6 +252,35 @@ def test_ezmia_s3_read_timeout_gives_up_on_an_endpoint_that_answers_too_late(fai
     assert len(failing.requests) == 1
 
 
+def pyarrow_tries(endpoint: FailingEndpoint) -> int:
+    """How many requests opening a Parquet object through ``storage.arrow_filesystem`` (a
+    fresh client, from the environment of the moment) sends before it gives up."""
+    endpoint.requests.clear()
+    with fresh_client(), pytest.raises(OSError, match="503"):
+        filesystem, path = storage.arrow_filesystem("s3://some-bucket/data/part-0.parquet")
+        filesystem.open_input_file(path)
+    return len(endpoint.requests)
+
+
+def test_pyarrow_reads_are_tried_as_often_as_boto3s_calls(failing, monkeypatch):
+    assert pyarrow_tries(failing) == 3
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert pyarrow_tries(failing) == 2
+    monkeypatch.setenv("EZMIA_S3_MAX_ATTEMPTS", "1")
+    assert pyarrow_tries(failing) == 1
+
+
+def test_pyarrow_reads_give_up_after_ezmias_read_timeout(failing, monkeypatch):
+    failing.answer = (200, "")
+    failing.delay_s = 3.0
+    monkeypatch.setenv("EZMIA_S3_READ_TIMEOUT", "0.2")
+    monkeypatch.setenv("EZMIA_S3_MAX_ATTEMPTS", "1")
+    with fresh_client(), pytest.raises(OSError, match="[Tt]imeout|NETWORK_CONNECTION"):
+        filesystem, path = storage.arrow_filesystem("s3://some-bucket/data/part-0.parquet")
+        filesystem.open_input_file(path)
+    assert len(failing.requests) == 1
+
+
 # --------------------------------------------------------------------------------------
 # Server-side encryption
 # --------------------------------------------------------------------------------------
@@ -547,7 +576,8 @@ def test_a_pyarrow_access_denied_is_described_like_boto3s(moto_with_auth, monkey
             fs, path = storage.arrow_filesystem(uri)
             fs.open_input_stream(path).read()
 
-    line = one_line_failure(read, uri, "read")
+    with fresh_client():
+        line = one_line_failure(read, uri, "read")
     assert "access denied" in line and storage.CREDENTIALS_HINT in line, line
 
 
