@@ -48,9 +48,12 @@ class Encryption:
 
 
 def _endpoint() -> str:
-    """The S3 endpoint in use, without any query string or user info."""
-    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return re.sub(r"//[^/@]*@", "//", url.split("?")[0]) if url else "the default AWS endpoint"
+    """The S3 endpoint in use and the variable that sets it, without any query string or user
+    info."""
+    for variable in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
+        if url := os.environ.get(variable):
+            return f"{re.sub(r'//[^/@]*@', '//', url.split('?')[0])}: check {variable}"
+    return "the default AWS endpoint: check AWS_ENDPOINT_URL"
 
 
 def describe_s3_error(err: BaseException) -> str | None:
@@ -69,7 +72,7 @@ def describe_s3_error(err: BaseException) -> str | None:
     else:
         return None
     if code in ("NoSuchBucket", "NO_SUCH_BUCKET"):
-        return "the bucket does not exist"
+        return "the bucket does not exist (check the bucket name, and the endpoint and region)"
     if code in ("NoSuchKey", "404", "NotFound", "RESOURCE_NOT_FOUND", "NO_SUCH_KEY"):
         return "no such object"
     if code in ("NoCredentialsError", "PartialCredentialsError"):
@@ -77,10 +80,7 @@ def describe_s3_error(err: BaseException) -> str | None:
     if _matches(code, text, _CREDENTIAL_CODES):
         return f"access denied ({code}): {CREDENTIALS_HINT}"
     if _matches(code, text, _CONNECTION_CODES):
-        return (
-            f"could not connect to the S3 endpoint {_endpoint()}: check AWS_ENDPOINT_URL and "
-            "the network"
-        )
+        return f"could not connect to the S3 endpoint {_endpoint()} and the network"
     line = re.sub(r"https?://\S+", "<url>", text.splitlines()[0] if text else code)
     return f"S3 error {code}: {line[:200]}"
 

@@ -167,7 +167,10 @@ def test_a_dataset_in_a_missing_bucket_is_refused_in_one_line(s3):
     uri = "s3://no-such-bucket-here/data/"
     with pytest.raises(InputError) as err:
         dataset_files(uri)
-    assert str(err.value) == f"{uri}: cannot list: the bucket does not exist"
+    assert str(err.value) == (
+        f"{uri}: cannot list: the bucket does not exist (check the bucket name, and the "
+        "endpoint and region)"
+    )
 
 
 def test_a_prefix_whose_only_object_is_its_own_folder_marker_holds_no_data(s3, bucket):

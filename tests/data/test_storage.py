@@ -585,7 +585,8 @@ def test_a_missing_bucket_is_one_line_naming_the_uri(s3):
     uri = "s3://ezmia-no-such-bucket/out/summary.json"
     for call, action in ((storage.read_bytes, "read"), (storage.list_files, "list")):
         line = one_line_failure(call, uri, action)
-        assert line.endswith(": the bucket does not exist"), line
+        assert line.endswith(": the bucket does not exist (check the bucket name, and the "
+                             "endpoint and region)"), line  # fmt: skip
 
 
 def test_an_unreachable_endpoint_is_one_line_without_the_urls_user_info(s3, monkeypatch):
@@ -603,6 +604,17 @@ def test_an_unreachable_endpoint_is_one_line_without_the_urls_user_info(s3, monk
                 f"could not connect to the S3 endpoint http://{LOCALHOST}:{port}: "
                 "check AWS_ENDPOINT_URL and the network"
             ), line
+
+
+def test_an_unreachable_s3_only_endpoint_names_aws_endpoint_url_s3(s3, monkeypatch):
+    port = free_port()  # closed
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://{LOCALHOST}:{port}")
+    monkeypatch.setenv("EZMIA_S3_MAX_ATTEMPTS", "1")
+    with fresh_client():
+        line = one_line_failure(storage.read_bytes, "s3://audits/a.json", "read")
+    assert line.endswith(
+        f"the S3 endpoint http://{LOCALHOST}:{port}: check AWS_ENDPOINT_URL_S3 and the network"
+    ), line
 
 
 def test_an_unexpected_s3_error_is_one_line_with_urls_and_their_secrets_left_out(s3, monkeypatch):
