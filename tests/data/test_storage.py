@@ -168,6 +168,13 @@ def failing(monkeypatch, tmp_path) -> Iterator[FailingEndpoint]:
         thread.join(timeout=5)
 
 
+def use_aws_config(monkeypatch, tmp_path: Path, text: str) -> None:
+    """An AWS config file (profiles) holding ``text``, as ``AWS_CONFIG_FILE``."""
+    config = tmp_path / "aws-profiles"
+    config.write_text(text)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+
+
 def retry_mode_in_effect(endpoint: FailingEndpoint) -> str:
     """``legacy`` or ``standard``, told apart by what each retries with 2 attempts: legacy
     retries HTTP 509 but not a 400 ``PriorRequestNotComplete``; standard the other way."""
@@ -195,18 +202,15 @@ def test_aws_max_attempts_from_the_environment_sets_the_number_of_tries(failing,
 
 
 def test_a_profiles_max_attempts_sets_the_number_of_tries(failing, monkeypatch, tmp_path):
-    config = tmp_path / "profiles"
-    config.write_text("[default]\nmax_attempts = 1\n\n[profile auditor]\nmax_attempts = 2\n")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    profiles = "[default]\nmax_attempts = 1\n\n[profile auditor]\nmax_attempts = 2\n"
+    use_aws_config(monkeypatch, tmp_path, profiles)
     assert failing.tries() == 1
     monkeypatch.setenv("AWS_PROFILE", "auditor")
     assert failing.tries() == 2
 
 
 def test_ezmia_s3_max_attempts_wins_over_the_aws_chain(failing, monkeypatch, tmp_path):
-    config = tmp_path / "profile"
-    config.write_text("[default]\nmax_attempts = 4\n")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    use_aws_config(monkeypatch, tmp_path, "[default]\nmax_attempts = 4\n")
     monkeypatch.setenv("EZMIA_S3_MAX_ATTEMPTS", "1")
     assert failing.tries() == 1  # over the profile
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "4")
@@ -226,9 +230,7 @@ def test_aws_retry_mode_from_the_environment_is_honoured(failing, monkeypatch):
 
 
 def test_a_profiles_retry_mode_and_max_attempts_are_both_honoured(failing, monkeypatch, tmp_path):
-    config = tmp_path / "profile"
-    config.write_text("[default]\nretry_mode = legacy\nmax_attempts = 2\n")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    use_aws_config(monkeypatch, tmp_path, "[default]\nretry_mode = legacy\nmax_attempts = 2\n")
     assert retry_mode_in_effect(failing) == "legacy"
 
 
