@@ -108,6 +108,12 @@ def _download_s3_model(uri: str, cache: Path, weights: bool = True, headers: boo
         raise ModelError(f"{uri}: no objects under this model prefix (check the model path)")
     listing = sorted((o["Key"][len(prefix) :], o["ETag"], o["Size"]) for o in objects)
     files = [(rel, etag, size) for rel, etag, size in listing if rel and not rel.endswith("/")]
+    for rel, _etag, _size in files:
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ModelError(
+                f"{uri.rstrip('/')}/{rel}: this object's key leads out of the model folder "
+                "('..' or '//'), so ezmia will not download it; rename or remove the object"
+            )
     key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:24]
     if not weights:
         files = [f for f in files if not is_weight_file(f[0])]

@@ -8,7 +8,10 @@ import json
 import os
 import shutil
 
+import pytest
+
 from ezmia.data import text
+from ezmia.errors import ModelError
 from ezmia.plan.fetch import resolve_model_dir
 from ezmia.plan.models import fingerprint, plan_models
 from tests.conftest import upload_dir
@@ -47,6 +50,25 @@ def test_an_s3_model_is_fingerprinted_by_its_listing(models, s3, bucket, tmp_pat
     client.put_object(Bucket=bucket, Key="base/config.json", Body=b'{"changed": true}')
     again = resolve_model_dir(uri, tmp_path / "cache")
     assert fingerprint(again, tmp_path / "cache") != first
+
+
+@pytest.mark.parametrize("escape", ["absolute", "parent"])
+def test_an_s3_key_leading_out_of_the_model_folder_is_refused_and_nothing_is_written(
+    models, s3, bucket, tmp_path, escape
+):
+    """An object key is a path ezmia would write under its cache: ``prefix//abs`` or one with
+    ``..`` would land anywhere on the machine. Such a key refuses the model before any
+    download."""
+    client = s3.client()
+    uri = upload_dir(client, models.base, bucket, "base")
+    landing = tmp_path / "landing.txt"
+    cache = tmp_path / "cache" / "deep"  # the staging folder is cache/models/.<key>.partial-*
+    rel = f"/{landing}".replace("//", "/") if escape == "absolute" else "../../../../landing.txt"
+    client.put_object(Bucket=bucket, Key=f"base/{rel}", Body=b"planted")
+    with pytest.raises(ModelError, match=r"leads out of the model folder"):
+        resolve_model_dir(uri, cache)
+    assert not landing.exists()
+    assert not [path for path in cache.rglob("*") if path.is_file()]  # nothing downloaded
 
 
 def test_identical_tokenizer_files_pair_without_loading_and_rewritten_ones_are_compared(
