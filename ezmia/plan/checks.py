@@ -37,6 +37,8 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
                 f"{path}: only pickle-based weights (.bin/.pt), which can run code when loaded; "
                 "convert them to safetensors or pass --allow-pickle if you trust the source"
             )
+    if not allow_pickle:
+        _refuse_pickle_loaded_beside_safetensors(path, is_adapter)
     config_file = path / ("adapter_config.json" if is_adapter else "config.json")
     try:
         config = json.loads(config_file.read_text())
@@ -49,6 +51,38 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
         )
     weight_shapes(path)  # refuses truncated or corrupt safetensors before anything loads
     return is_adapter
+
+
+ADAPTER_SAFE_WEIGHTS = "adapter_model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+def _refuse_pickle_loaded_beside_safetensors(path: Path, is_adapter: bool) -> None:
+    """Refuse pickle weights the loaders would read although safetensors are present: peft
+    (and vLLM's LoRA loader) read ``adapter_model.bin`` whenever ``adapter_model.safetensors``
+    is missing, and transformers loads every shard a ``model.safetensors.index.json`` names,
+    with ``torch.load`` for one that is not a safetensors file."""
+    fix = "convert them to safetensors or pass --allow-pickle if you trust the source"
+    if is_adapter and not _weights(path, (ADAPTER_SAFE_WEIGHTS,)):
+        pickles = _weights(path, PICKLE_WEIGHTS)
+        if pickles:
+            raise ModelError(
+                f"{pickles[0]}: no {ADAPTER_SAFE_WEIGHTS}, so the adapter's weights would load "
+                f"from this pickle-based file, which can run code when loaded; {fix}"
+            )
+    index = path / SAFE_INDEX
+    if is_adapter or not index.is_file():
+        return
+    try:
+        shards = json.loads(index.read_text())["weight_map"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelError(f"{index}: unreadable weight_map ({err}); save the model again") from err
+    for shard in shards:
+        if not (isinstance(shard, str) and fnmatch.fnmatch(shard, "*.safetensors")):
+            raise ModelError(
+                f"{index}: weight_map names the shard {shard!r}, not a safetensors file; "
+                f"transformers would load it with pickle, which can run code: {fix}"
+            )
 
 
 def weight_shapes(path: Path) -> dict[str, list[int]]:

@@ -3,6 +3,8 @@ are cached, and a cached copy whose files changed is downloaded again."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from ezmia.cli import main
 from ezmia.data import storage
 from ezmia.errors import ModelError
 from ezmia.plan.fetch import COMPLETE, resolve_model_dir
-from tests.conftest import upload_dir
+from tests.conftest import audit_args, upload_dir
 
 
 class TamperingClient:
@@ -114,3 +116,61 @@ def test_kms_encrypted_objects_are_checked_by_size_only(models, s3, tmp_path, mo
         client.upload_file(str(path), bucket, f"m/{path.name}", ExtraArgs=extra)
     _tamper(monkeypatch, _flip_a_byte)
     assert (resolve_model_dir(f"s3://{bucket}/m", tmp_path) / COMPLETE).exists()
+
+
+def _pickle_beside_safetensors(models, root: Path, case: str) -> Path:
+    """A checkpoint that holds safetensors weights, yet whose loader would read pickle ones:
+    an adapter whose safetensors file is not ``adapter_model.safetensors`` beside an
+    ``adapter_model.bin`` (peft reads that one), a sharded checkpoint whose index names a
+    ``.bin`` shard, or a tokenizer whose ``tokenizer_class`` is a model class (AutoTokenizer
+    then loads the model, from ``pytorch_model.bin`` when there is no model.safetensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = root / case
+    if case == "adapter":
+        shutil.copytree(models.lora, folder)
+        (folder / "adapter_model.safetensors").rename(folder / "weights.safetensors")
+        torch.save(load_file(folder / "weights.safetensors"), folder / "adapter_model.bin")
+        return folder
+    shutil.copytree(models.full, folder)
+    weights = load_file(folder / "model.safetensors")
+    if case == "index":
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        first = sorted(weights)[0]
+        torch.save({first: weights[first]}, folder / "shard.bin")
+        shards = dict.fromkeys(weights, "model-00001-of-00001.safetensors") | {first: "shard.bin"}
+        index = {"metadata": {}, "weight_map": shards}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        (folder / "model.safetensors").rename(folder / "weights.safetensors")
+        torch.save(weights, folder / "pytorch_model.bin")
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["tokenizer_class"] = "GPT2LMHeadModel"
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("case", "named", "says"),
+    [
+        ("adapter", "adapter_model.bin", "no adapter_model.safetensors, so the adapter's weights"),
+        ("index", "model.safetensors.index.json", "weight_map names the shard 'shard.bin'"),
+        ("tokenizer", "tokenizer_config.json", "tokenizer_class 'GPT2LMHeadModel' is not a"),
+    ],
+)
+def test_pickle_weights_beside_safetensors_are_refused_before_anything_loads(
+    models, tmp_path, monkeypatch, capsys, case, named, says
+):
+    import torch
+
+    target = _pickle_beside_safetensors(models, tmp_path, case)
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail(f"torch.load{a}"))
+    out = tmp_path / "out"
+    code = main(audit_args(models, out, "--cache-dir", str(tmp_path / "cache"), target=target))
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("ezmia: error:") == 1 and "Traceback" not in err
+    assert f"{target / named}: {says}" in err
+    assert "--allow-pickle" in err or "set it to the tokenizer's class" in err
+    assert not out.exists()
