@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import socket
-import threading
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,7 +87,14 @@ def _cache_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` (a file beside a cache entry): processes of one machine
     that want the same entry wait for the first to fetch it, then reuse it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
+    try:  # never through a link: opening one would create or touch the file it points at
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        raise ModelError(
+            f"{path}: cannot open this model cache lock ({err.strerror}); if it is a symbolic "
+            "link, remove it (ezmia creates its cache locks itself)"
+        ) from err
+    with os.fdopen(fd, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -123,7 +130,9 @@ def _download_s3_model(uri: str, cache: Path, weights: bool = True, headers: boo
     with _cache_lock(cache / f".{key}.lock"):
         if _cached(target, files, headers):
             return target  # another process fetched it while this one waited
-        staging = cache / f".{key}.partial-{os.getpid()}-{threading.get_ident()}"
+        # a new folder, never one already there (a link planted there would be written through)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=cache))
+        staging.chmod(0o755)  # as an entry made by mkdir: readable by the cache's other users
         _fetch(client, uri, bucket, prefix, files, staging)
         if headers:
             (staging / HEADER_LISTING).write_text(json.dumps([list(f) for f in listing]))
@@ -139,9 +148,8 @@ def _download_s3_model(uri: str, cache: Path, weights: bool = True, headers: boo
 def _fetch(
     client, uri: str, bucket: str, prefix: str, files: list[tuple[str, str, int]], staging: Path
 ) -> None:
-    """Download and verify ``files`` into ``staging`` (removed again on failure), logging
-    each file with this machine's name and the bytes done so far."""
-    shutil.rmtree(staging, ignore_errors=True)
+    """Download and verify ``files`` into ``staging`` (a new empty folder, removed again on
+    failure), logging each file with this machine's name and the bytes done so far."""
     total, done = sum(size for _, _, size in files), 0
     host = socket.gethostname()
     try:

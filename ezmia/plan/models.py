@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import shutil
-import threading
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +77,11 @@ def _file_hash(file: Path, cache: Path) -> bytes:
             digest.update(chunk)
     with contextlib.suppress(OSError):  # a read-only cache only costs the hash next time
         cache.mkdir(parents=True, exist_ok=True)
-        staging = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_ident()}")
-        staging.write_text(digest.hexdigest())
-        staging.replace(entry)
+        fd, staging = tempfile.mkstemp(prefix=f".{entry.name}.", dir=cache)  # a new file
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(fd, 0o644)
+            handle.write(digest.hexdigest())
+        os.replace(staging, entry)
     return digest.digest()
 
 
@@ -212,8 +214,10 @@ def merged_adapter_dir(plan: ModelPlan, cache_dir: str | Path | None = None) -> 
         trust_remote_code=False,
     )
     merged = attach_adapter(base, plan.target).merge_and_unload()
-    staging = out.with_name(f".{key}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a new folder, never one already there (a link planted there would be written through)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=out.parent))
+    staging.chmod(0o755)  # as an entry made by mkdir: readable by the cache's other users
     merged.save_pretrained(staging, safe_serialization=True)
     for name in TOKENIZER_FILES + TOKENIZER_EXTRA_FILES:
         if (plan.tokenizer / name).exists():

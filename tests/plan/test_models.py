@@ -86,3 +86,37 @@ def test_identical_tokenizer_files_pair_without_loading_and_rewritten_ones_are_c
     tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
     plan_models(str(models.full), str(reference), cache_dir=tmp_path / "cache")
     assert text._loaded_tokenizer.cache_info().currsize == 2
+
+
+def test_links_planted_in_the_model_cache_are_never_written_through(models, s3, bucket, tmp_path):
+    """A download and a merge are staged in a folder of their own, never in whatever already
+    sits at a predictable name (a link to another folder would be written through, replacing
+    its files), and a cache lock is never opened through a link (which would create the file
+    it points at)."""
+    import threading
+
+    from ezmia.plan.models import merged_adapter_dir
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "config.json").write_text("not ezmia's")
+    uri = upload_dir(s3.client(), models.full, bucket, "full")
+    key = resolve_model_dir(uri, tmp_path / "learn").name
+    cache = tmp_path / "cache"
+    (cache / "models").mkdir(parents=True)
+    (cache / "models" / f".{key}.partial-{os.getpid()}-{threading.get_ident()}").symlink_to(victim)
+    plan = plan_models(str(models.lora), None, cache_dir=cache)
+    merged = merged_adapter_dir(plan, tmp_path / "learn").name
+    (cache / "merged").mkdir()
+    (cache / "merged" / f".{merged}.partial-{os.getpid()}").symlink_to(victim)
+    downloaded = resolve_model_dir(uri, cache)
+    assert (downloaded / "config.json").read_bytes() == (models.full / "config.json").read_bytes()
+    assert (merged_adapter_dir(plan, cache) / "model.safetensors").is_file()
+    assert [p.name for p in victim.iterdir()] == ["config.json"]
+    assert (victim / "config.json").read_text() == "not ezmia's"
+    elsewhere = tmp_path / "created-through-a-link"
+    (tmp_path / "locked" / "models").mkdir(parents=True)
+    (tmp_path / "locked" / "models" / f".{key}.lock").symlink_to(elsewhere)
+    with pytest.raises(ModelError, match=r"\.lock: cannot open this model cache lock"):
+        resolve_model_dir(uri, tmp_path / "locked")
+    assert not elsewhere.exists()
