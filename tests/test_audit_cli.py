@@ -239,6 +239,27 @@ def test_report_refuses_a_summary_with_broken_metadata_in_one_line(full_audit, t
     assert err.count("\n") == 1 and (out / "summary.json").read_text() == written
 
 
+def test_report_rewrites_nothing_it_did_not_write(full_audit, tmp_path, capsys):
+    """A report.html the manifest does not list (an edited manifest, or one the operator put
+    there) is not ezmia's to replace, and neither is a location holding other files."""
+    out = tmp_path / "copy"
+    shutil.copytree(full_audit, out)
+    manifest = json.loads((out / "_ezmia_manifest.json").read_text())
+    manifest["files"].remove("report.html")
+    (out / "_ezmia_manifest.json").write_text(json.dumps(manifest))
+    (out / "report.html").write_text("the operator's own page")
+    summary = (out / "summary.json").read_text()
+    assert main(["report", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"ezmia: error: {out}/report.html: not a file this audit wrote (its "
+        "_ezmia_manifest.json does not list it; 1 such), and ezmia report rewrites only an "
+        "audit's own files: move it elsewhere, or rerun the audit into a new --out\n"
+    )
+    assert (out / "report.html").read_text() == "the operator's own page"
+    assert (out / "summary.json").read_text() == summary
+
+
 def test_missing_text_column_is_a_one_line_error_and_no_output(models, tmp_path, capsys):
     out = tmp_path / "bad"
     assert run_audit(models, out, "--text-column", "body") == 2

@@ -139,13 +139,23 @@ def _owned(out: str, entries: set[str]) -> set[str]:
     return (entries & listed) | temps
 
 
-def _survey(out: str, overwrite: bool) -> set[str]:
-    """What ezmia wrote at ``out``; refuses a location holding anything else, and a finished
-    audit unless ``overwrite``."""
+def _owned_and_foreign(out: str) -> tuple[set[str], list[str]]:
+    """What ezmia wrote at ``out``, and everything else there (its locks aside), sorted."""
     entries = _entries(out) - {LOCK}
     entries = {e for e in entries if not e.startswith(f"{LOCK}.")}  # a lock being released
     owned = _owned(out, entries)
-    foreign = sorted(entries - owned)
+    return owned, sorted(entries - owned)
+
+
+def foreign_files(out: str) -> list[str]:
+    """The entries at ``out`` that ezmia did not write (by its manifest), sorted."""
+    return _owned_and_foreign(out)[1]
+
+
+def _survey(out: str, overwrite: bool) -> set[str]:
+    """What ezmia wrote at ``out``; refuses a location holding anything else, and a finished
+    audit unless ``overwrite``."""
+    owned, foreign = _owned_and_foreign(out)
     if foreign:
         raise OutputError(
             f"--out {out}: holds {len(foreign)} file(s) ezmia did not write (e.g. {foreign[0]}); "
