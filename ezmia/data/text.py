@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -47,8 +48,6 @@ def _check_tokenizer_class(path: Path) -> None:
     """Refuse a ``tokenizer_class`` (tokenizer_config.json, else config.json) that names a
     transformers class other than a tokenizer: AutoTokenizer would call its
     ``from_pretrained``, and a model class loads the folder's weights (pickle ones too)."""
-    import json
-
     from transformers import PreTrainedTokenizerBase
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
