@@ -68,6 +68,10 @@ def _build_bad_models(models, root: Path) -> None:
         _copy_model(models.full, root / "automap") / "config.json",
         auto_map={"AutoModelForCausalLM": "modeling_evil.EvilModel"},
     )
+    _edit_json(
+        _copy_model(models.full, root / "hubkernel") / "config.json",
+        attn_implementation="kernels-community/flash-attn",
+    )
     _edit_json(_copy_model(models.base, root / "othervocab") / "config.json", vocab_size=2048)
     tokenizer = _copy_model(models.base, root / "othertok") / "tokenizer.json"
     data = json.loads(tokenizer.read_text())
@@ -249,6 +253,9 @@ CASES = [
          ("{root}/pickle", "only pickle-based weights", "--allow-pickle")),
     Case("custom-code-without-trust-remote-code", lambda k: _audit(k, target=k.automap),
          ("{root}/automap/config.json", "auto_map", "--trust-remote-code")),
+    Case("hub-kernel-without-trust-remote-code", lambda k: _audit(k, target=k.hubkernel),
+         ("{root}/hubkernel/config.json", "hub kernel 'kernels-community/flash-attn'",
+          "--trust-remote-code")),
     Case("different-vocabularies", lambda k: _audit(k, reference=k.othervocab),
          ("{root}/othervocab has 2048", "must share a tokenizer")),
     Case("different-tokenizers", lambda k: _audit(k, reference=k.othertok),

@@ -49,8 +49,34 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
             f"{config_file}: declares custom code (auto_map); pass --trust-remote-code only if "
             "you trust this checkpoint"
         )
+    kernel = _hub_kernel(config)
+    if kernel and not trust_remote_code:
+        raise ModelError(
+            f"{config_file}: asks for the hub kernel {kernel!r}, code transformers would "
+            "download and run; remove the key, or pass --trust-remote-code only if you trust it"
+        )
     weight_shapes(path)  # refuses truncated or corrupt safetensors before anything loads
     return is_adapter
+
+
+KERNEL_KEYS = ("attn_implementation", "_attn_implementation", "experts_implementation")
+
+
+def _hub_kernel(config: object) -> str | None:
+    """A hub repository (``org/name``) that a config, or any config nested in it, names as its
+    attention or experts implementation: transformers fetches such kernels and runs them."""
+    if isinstance(config, list):
+        return next(filter(None, map(_hub_kernel, config)), None)
+    if not isinstance(config, dict):
+        return None
+    for key, value in config.items():
+        if key in KERNEL_KEYS:  # a name, or one per sub-config
+            named = value.values() if isinstance(value, dict) else [value]
+            if found := next((v for v in named if isinstance(v, str) and "/" in v), None):
+                return found
+        elif found := _hub_kernel(value):
+            return found
+    return None
 
 
 ADAPTER_SAFE_WEIGHTS = "adapter_model.safetensors"

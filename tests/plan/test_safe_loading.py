@@ -174,3 +174,28 @@ def test_pickle_weights_beside_safetensors_are_refused_before_anything_loads(
     assert f"{target / named}: {says}" in err
     assert "--allow-pickle" in err or "set it to the tokenizer's class" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("fields", "kernel"),
+    [
+        ({"attn_implementation": "sdpa"}, None),
+        ({"experts_implementation": "kernels-community/moe"}, "kernels-community/moe"),
+        ({"text_config": {"attn_implementation": {"": "eager", "vision": "org/k"}}}, "org/k"),
+        ({"sub_configs": [{"_attn_implementation": "org/attn"}]}, "org/attn"),
+    ],
+)
+def test_a_hub_kernel_named_anywhere_in_the_config_needs_trust_remote_code(
+    models, tmp_path, fields, kernel
+):
+    from ezmia.plan.checks import check_checkpoint
+
+    folder = shutil.copytree(models.full, tmp_path / "model")
+    config = json.loads((folder / "config.json").read_text()) | fields
+    (folder / "config.json").write_text(json.dumps(config))
+    assert not check_checkpoint(folder, allow_pickle=False, trust_remote_code=True)
+    if kernel is None:
+        assert not check_checkpoint(folder, allow_pickle=False, trust_remote_code=False)
+        return
+    with pytest.raises(ModelError, match=f"asks for the hub kernel '{kernel}'"):
+        check_checkpoint(folder, allow_pickle=False, trust_remote_code=False)
