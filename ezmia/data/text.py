@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -34,45 +33,13 @@ def _read_tokenizer(path: str, stamp: tuple) -> PreTrainedTokenizerBase:
     """The tokenizer in ``path``; ``stamp`` (its files' sizes and times) only keys the cache."""
     from transformers import AutoTokenizer
 
-    _check_tokenizer_class(Path(path))
-    try:  # a tokenizer's own code (auto_map) never runs: refused, never asked about
+    try:  # a tokenizer's own code (auto_map) never runs, and is never asked about
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True, trust_remote_code=False)
     except (OSError, ValueError, TypeError) as err:
         raise ModelError(f"{path}: cannot load the tokenizer ({err})") from err
     if not tokenizer.is_fast:
         raise ModelError(f"{path}: ezmia needs a fast (Rust) tokenizer; found a slow one")
     return tokenizer
-
-
-def _check_tokenizer_class(path: Path) -> None:
-    """Refuse a ``tokenizer_class`` (tokenizer_config.json, else config.json) that names a
-    transformers class other than a tokenizer: AutoTokenizer would call its
-    ``from_pretrained``, and a model class loads the folder's weights (pickle ones too)."""
-    from transformers import PreTrainedTokenizerBase
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
-    def is_tokenizer(name: str) -> bool:
-        found = tokenizer_class_from_name(name)
-        if found is None or type(found).__name__ == "DummyObject":
-            return True  # unknown (transformers falls back) or lacking a backend (it says so)
-        return isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)
-
-    for name in ("tokenizer_config.json", "config.json"):
-        try:
-            value = json.loads((path / name).read_text()).get("tokenizer_class")
-        except (OSError, ValueError, AttributeError):
-            continue  # absent or unreadable: transformers says why when it loads
-        if value is None:
-            continue
-        if not (
-            isinstance(value, str)
-            and all(map(is_tokenizer, {value, value.removesuffix("Fast"), f"{value}Fast"}))
-        ):
-            raise ModelError(
-                f"{path / name}: tokenizer_class {value!r} is not a tokenizer class (loading "
-                "it would load a model, pickle weights included); set it to the tokenizer's "
-                "class, e.g. PreTrainedTokenizerFast, or remove the key"
-            )
 
 
 # Wrapped rather than decorated: mutation testing (mutmut) skips decorated functions.

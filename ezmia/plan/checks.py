@@ -49,6 +49,7 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
             f"{config_file}: declares custom code (auto_map); pass --trust-remote-code only if "
             "you trust this checkpoint"
         )
+    _check_tokenizer_files(path)
     kernel = _hub_kernel(config)
     if kernel and not trust_remote_code:
         raise ModelError(
@@ -57,6 +58,48 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
         )
     weight_shapes(path)  # refuses truncated or corrupt safetensors before anything loads
     return is_adapter
+
+
+def _check_tokenizer_files(path: Path) -> None:
+    """Refuse tokenizer settings that would run code or load a model: a tokenizer's own code
+    (``auto_map`` in tokenizer_config.json; ezmia loads tokenizers without it), and a
+    ``tokenizer_class`` (tokenizer_config.json or config.json) naming a transformers class that
+    is not a tokenizer: AutoTokenizer would call its ``from_pretrained``, and a model class
+    loads the folder's weights, pickle ones included."""
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            settings = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue  # absent or unreadable: the loaders say why
+        if not isinstance(settings, dict):
+            continue
+        if name == "tokenizer_config.json" and settings.get("auto_map"):
+            raise ModelError(
+                f"{path / name}: the tokenizer ships its own code (auto_map), which ezmia never "
+                "runs; use a tokenizer without it, e.g. the base model's"
+            )
+        value = settings.get("tokenizer_class")
+        if value is not None and not (isinstance(value, str) and _is_tokenizer_class(value)):
+            raise ModelError(
+                f"{path / name}: tokenizer_class {value!r} is not a tokenizer class (loading "
+                "it would load a model, pickle weights included); set it to the tokenizer's "
+                "class, e.g. PreTrainedTokenizerFast, or remove the key"
+            )
+
+
+def _is_tokenizer_class(name: str) -> bool:
+    """Whether ``name`` and its fast or slow twin (AutoTokenizer tries both) are tokenizer
+    classes, or names transformers does not know (it then falls back to its own choice)."""
+    from transformers import PreTrainedTokenizerBase
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    for variant in {name, name.removesuffix("Fast"), f"{name}Fast"}:
+        found = tokenizer_class_from_name(variant)
+        if found is None or type(found).__name__ == "DummyObject":
+            continue  # unknown, or a tokenizer lacking its backend (transformers says so)
+        if not (isinstance(found, type) and issubclass(found, PreTrainedTokenizerBase)):
+            return False
+    return True
 
 
 KERNEL_KEYS = ("attn_implementation", "_attn_implementation", "experts_implementation")

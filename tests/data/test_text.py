@@ -153,6 +153,22 @@ def test_a_truncation_saved_in_the_tokenizer_does_not_shorten_rows(tokenizer_wit
     assert len(tokens.input_ids[0]) == 12 and tokens.truncated == [True]
 
 
+def test_a_tokenizers_own_code_never_runs_when_it_loads(models, tmp_path):
+    """Planning refuses ``auto_map`` in tokenizer_config.json; the loader itself never runs
+    that code either (nor asks whether it may): it loads the tokenizer without it."""
+    folder = shutil.copytree(models.tokenizer, tmp_path / "tokenizer")
+    marker = tmp_path / "ran"
+    (folder / "evil_tokenizer.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(folder).is_fast  # the declared class is passed over, not imported
+    assert not marker.exists()
+
+
 def test_a_slow_tokenizer_is_refused(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "ByT5Tokenizer"}')
     with pytest.raises(ModelError, match="fast \\(Rust\\) tokenizer"):

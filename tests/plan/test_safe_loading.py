@@ -199,3 +199,14 @@ def test_a_hub_kernel_named_anywhere_in_the_config_needs_trust_remote_code(
         return
     with pytest.raises(ModelError, match=f"asks for the hub kernel '{kernel}'"):
         check_checkpoint(folder, allow_pickle=False, trust_remote_code=False)
+
+
+def test_a_tokenizer_that_ships_its_own_code_is_refused(models, tmp_path):
+    from ezmia.plan.checks import check_checkpoint
+
+    folder = shutil.copytree(models.full, tmp_path / "model")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "evil_tokenizer.EvilTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"tokenizer_config.json: the tokenizer ships its own"):
+        check_checkpoint(folder, allow_pickle=False, trust_remote_code=True)
