@@ -59,14 +59,6 @@ def rerender(out: str) -> str:
         if not storage.list_files(out):
             raise OutputError(f"{out}: nothing there; give the --out of a finished audit")
         raise OutputError(f"{out}: no _SUCCESS, so this audit did not finish; rerun the audit")
-    foreign = outputs.foreign_files(out)
-    if foreign:
-        raise OutputError(
-            f"{storage.join(out, foreign[0])}: not a file this audit wrote (its "
-            f"{outputs.MANIFEST} does not list it; {len(foreign)} such), and ezmia report "
-            "rewrites only an audit's own files: move it elsewhere, or rerun the audit into a "
-            "new --out"
-        )
     summary_uri = storage.join(out, outputs.SUMMARY)
     summary = _read_summary(summary_uri)
     config = _summary_config(summary, summary_uri)
@@ -88,6 +80,14 @@ def rerender(out: str) -> str:
         raise OutputError(
             f"{summary_uri}: not a valid summary ({where}: {first['msg']}); {RERUN}"
         ) from err
+    foreign = outputs.foreign_files(out)
+    if foreign:
+        raise OutputError(
+            f"{storage.join(out, foreign[0])}: not a file this audit wrote (its "
+            f"{outputs.MANIFEST} does not list it; {len(foreign)} such), and ezmia report "
+            "rewrites only an audit's own files: move it elsewhere, or rerun the audit into a "
+            "new --out"
+        )
     encryption = config.encryption
     with outputs.locked(out, "ezmia report", encryption):
         publish(
