@@ -57,8 +57,8 @@ def main() -> None:
     args = parser.parse_args()
     import pyarrow.parquet as pq
 
-    from ezmia.demo.build import TEST_COUNTS, build_demo_artifacts
-    from ezmia.demo.train import TEST_SIZES
+    from ezmia.demo.build import build_demo_artifacts
+    from tests.sizes import TEST_COUNTS, TEST_SIZES
 
     demo = build_demo_artifacts(REPO / ".cache" / "test-models", TEST_SIZES, **TEST_COUNTS)
     table = pq.read_table(demo.eval)

@@ -25,8 +25,8 @@ MODEL_CACHE = REPO / ".cache" / "test-models"
 def models():
     """Tokenizer, base, full fine-tune and LoRA adapter trained on stdlib docstrings, plus
     member / non-member / labelled eval Parquet files (built once, cached across runs)."""
-    from ezmia.demo.build import TEST_COUNTS, build_demo_artifacts
-    from ezmia.demo.train import TEST_SIZES
+    from ezmia.demo.build import build_demo_artifacts
+    from tests.sizes import TEST_COUNTS, TEST_SIZES
 
     return build_demo_artifacts(MODEL_CACHE, TEST_SIZES, **TEST_COUNTS, seed=0, log=lambda *_: None)
 

@@ -40,7 +40,6 @@ CORPORA: dict[str, Callable[[], list[str]]] = {
 # be told apart from the text alone, and the blind baseline would rightly flag it).
 DEMO_CORPUS = "code"
 DEMO_COUNTS = {"n_pretrain": 4000, "n_members": 1000, "n_nonmembers": 1000}
-TEST_COUNTS = {"n_pretrain": 300, "n_members": 60, "n_nonmembers": 60}  # with TEST_SIZES
 
 
 @dataclass(frozen=True)

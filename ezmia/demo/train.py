@@ -39,18 +39,6 @@ class ModelSizes:
     lora_dropout: float = 0.05
 
 
-TEST_SIZES = ModelSizes(
-    vocab_size=1024,
-    n_layer=2,
-    n_embd=64,
-    n_head=2,
-    pretrain_epochs=2,
-    finetune_epochs=6,
-    pretrain_lr=5e-3,
-    full_lr=2e-3,
-    lora_lr=2e-3,
-    batch_size=32,
-)
 DEMO_SIZES = ModelSizes(
     vocab_size=2048,
     n_layer=4,

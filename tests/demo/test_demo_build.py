@@ -12,7 +12,7 @@ import torch
 
 from ezmia.demo.build import DEMO_CORPUS, DemoArtifacts, build_demo_artifacts
 from ezmia.demo.corpus import collect_code_chunks, collect_docstrings, split_corpus
-from ezmia.demo.train import TEST_SIZES
+from tests.sizes import TEST_SIZES
 
 COUNTS = (300, 150, 150)
 
