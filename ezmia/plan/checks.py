@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 TOKENIZER_EXTRA_FILES = ("special_tokens_map.json", "merges.txt", "added_tokens.json")
+ADAPTER_SAFE_WEIGHTS = "adapter_model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_FIX = "convert them to safetensors or pass --allow-pickle if you trust the source"
 
 
 def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool) -> bool:
@@ -27,18 +30,21 @@ def check_checkpoint(path: Path, *, allow_pickle: bool, trust_remote_code: bool)
     is_adapter = (path / "adapter_config.json").exists()
     if not is_adapter and not (path / "config.json").exists():
         raise ModelError(f"{path}: neither config.json nor adapter_config.json; not a checkpoint")
-    if not _weights(path, SAFE_WEIGHTS):
+    # the safetensors the loaders read first: without them peft (and vLLM's LoRA loader) reads
+    # adapter_model.bin, even beside a safetensors file of another name
+    safe = (ADAPTER_SAFE_WEIGHTS,) if is_adapter else SAFE_WEIGHTS
+    if not _weights(path, safe):
         if not _weights(path, PICKLE_WEIGHTS):
             raise ModelError(
-                f"{path}: no weights found (expected *.safetensors); is the checkpoint complete?"
+                f"{path}: no weights found (expected {safe[0]}); is the checkpoint complete?"
             )
         if not allow_pickle:
             raise ModelError(
-                f"{path}: only pickle-based weights (.bin/.pt), which can run code when loaded; "
-                "convert them to safetensors or pass --allow-pickle if you trust the source"
+                f"{path}: no {safe[0]}, only pickle-based weights (.bin/.pt), which can run code "
+                f"when loaded; {PICKLE_FIX}"
             )
-    if not allow_pickle:
-        _refuse_pickle_loaded_beside_safetensors(path, is_adapter)
+    if not (allow_pickle or is_adapter):
+        _refuse_pickle_shards(path)
     config_file = path / ("adapter_config.json" if is_adapter else "config.json")
     try:
         config = json.loads(config_file.read_text())
@@ -122,25 +128,11 @@ def _hub_kernel(config: object) -> str | None:
     return None
 
 
-ADAPTER_SAFE_WEIGHTS = "adapter_model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-
-
-def _refuse_pickle_loaded_beside_safetensors(path: Path, is_adapter: bool) -> None:
-    """Refuse pickle weights the loaders would read although safetensors are present: peft
-    (and vLLM's LoRA loader) read ``adapter_model.bin`` whenever ``adapter_model.safetensors``
-    is missing, and transformers loads every shard a ``model.safetensors.index.json`` names,
-    with ``torch.load`` for one that is not a safetensors file."""
-    fix = "convert them to safetensors or pass --allow-pickle if you trust the source"
-    if is_adapter and not _weights(path, (ADAPTER_SAFE_WEIGHTS,)):
-        pickles = _weights(path, PICKLE_WEIGHTS)
-        if pickles:
-            raise ModelError(
-                f"{pickles[0]}: no {ADAPTER_SAFE_WEIGHTS}, so the adapter's weights would load "
-                f"from this pickle-based file, which can run code when loaded; {fix}"
-            )
+def _refuse_pickle_shards(path: Path) -> None:
+    """Refuse a ``model.safetensors.index.json`` naming a shard that is not a safetensors
+    file: transformers loads every shard it names, such a one with ``torch.load``."""
     index = path / SAFE_INDEX
-    if is_adapter or not index.is_file():
+    if not index.is_file():
         return
     try:
         shards = json.loads(index.read_text())["weight_map"].values()
@@ -150,7 +142,7 @@ def _refuse_pickle_loaded_beside_safetensors(path: Path, is_adapter: bool) -> No
         if not (isinstance(shard, str) and fnmatch.fnmatch(shard, "*.safetensors")):
             raise ModelError(
                 f"{index}: weight_map names the shard {shard!r}, not a safetensors file; "
-                f"transformers would load it with pickle, which can run code: {fix}"
+                f"transformers would load it with pickle, which can run code: {PICKLE_FIX}"
             )
 
 

@@ -154,7 +154,7 @@ def _pickle_beside_safetensors(models, root: Path, case: str) -> Path:
 @pytest.mark.parametrize(
     ("case", "named", "says"),
     [
-        ("adapter", "adapter_model.bin", "no adapter_model.safetensors, so the adapter's weights"),
+        ("adapter", "", "no adapter_model.safetensors, only pickle-based weights (.bin/.pt)"),
         ("index", "model.safetensors.index.json", "weight_map names the shard 'shard.bin'"),
         ("tokenizer", "tokenizer_config.json", "tokenizer_class 'GPT2LMHeadModel' is not a"),
     ],
