@@ -166,13 +166,6 @@ def _finish(part: _Partial) -> dict[str, torch.Tensor]:
     return stats
 
 
-def head_statistics(
-    logits: torch.Tensor, targets: torch.Tensor, with_distribution: bool
-) -> dict[str, torch.Tensor]:
-    """True-token log-prob, top-1 hit and (optionally) mean/std of log p, per row of logits."""
-    return _finish(_tile_partial(logits.clone(), 0, targets, with_distribution))
-
-
 def _tiles(
     rows: torch.Tensor, head: torch.nn.Linear | None, vocab_chunk: int
 ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -197,9 +190,9 @@ def tiled_head_statistics(
     vocab_chunk: int,
     moments: Moments = _inplace_moments,
 ) -> dict[str, torch.Tensor]:
-    """``head_statistics`` of ``head(hidden)`` (or of ``hidden`` as logits when ``head`` is
-    None, which the default ``moments`` overwrites), tile by tile without holding all the
-    logits."""
+    """True-token log-prob, top-1 hit and (optionally) mean/std of log p, per row of
+    ``head(hidden)`` (or of ``hidden`` as logits when ``head`` is None, which the default
+    ``moments`` overwrites), tile by tile without holding all the logits."""
     parts = []
     for rows, row_targets in zip(
         hidden.split(position_chunk), targets.split(position_chunk), strict=True

@@ -14,7 +14,6 @@ from ezmia.backends.torch import (
     TorchBackend,
     _inplace_moments,
     _pure_moments,
-    head_statistics,
     tiled_head_statistics,
 )
 from ezmia.data.text import load_tokenizer, tokenize
@@ -88,7 +87,8 @@ def test_tiled_statistics_equal_the_full_log_softmax():
     tiled = [
         tiled_head_statistics(logits, targets, head, True, position_chunk=16, vocab_chunk=700),
         tiled_head_statistics(logits.clone(), targets, None, True, 20, vocab_chunk=640),
-        head_statistics(logits, targets, with_distribution=True),
+        # untiled: one tile holds every position and the whole vocabulary
+        tiled_head_statistics(logits.clone(), targets, None, True, 64, vocab_chunk=3000),
     ]
     for got in tiled:
         np.testing.assert_allclose(got["lp"], logp.gather(1, targets[:, None])[:, 0], atol=1e-5)
