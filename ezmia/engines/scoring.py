@@ -35,7 +35,6 @@ from ezmia.plan.models import ModelPlan
 from ezmia.stats.metrics import detection_threshold
 from ezmia.stats.scores import score_sequence
 
-TOKEN_COLUMNS = ("input_ids", "truncated", "zlib_size", "text_sha256")
 PASS_TYPES = {
     "lp_target": pa.list_(pa.float64()),
     "target_top1": pa.list_(pa.bool_()),
