@@ -69,10 +69,6 @@ class Shape:
                 "use a checkpoint with a complete Hugging Face config"
             ) from err
 
-    def parameters(self) -> int:
-        """Parameter count (norms left out: < 0.01%)."""
-        return self._sharded() + self._kv_projection(self.kv_heads)
-
     def weights_per_gpu(self, tp: int, dtype_bytes: int) -> int:
         """Weight bytes on each of ``tp`` GPUs: everything split ``tp`` ways, except that
         key/value heads are replicated once ``tp`` exceeds their number."""
@@ -107,14 +103,6 @@ class MemoryPlan:
     weights_bytes: int
     logits_bytes: int
     kv_cache_bytes: int
-
-    def engine_args(self) -> dict[str, Any]:
-        """Keyword arguments for ``vllm.LLM`` (chunked prefill, vLLM's default, splits longer
-        prompts across steps; ``max_num_seqs`` must stay <= ``max_num_batched_tokens``)."""
-        return {
-            "gpu_memory_utilization": self.gpu_memory_utilization,
-            "max_num_batched_tokens": self.max_num_batched_tokens,
-        }
 
 
 def plan_memory(
@@ -212,4 +200,9 @@ def engine_settings(
         max_model_len=max_model_len,
     )
     share = plan.gpu_memory_utilization / engines_per_gpu
-    return {**plan.engine_args(), "gpu_memory_utilization": min(requested_share, share)}
+    # chunked prefill, vLLM's default, splits longer prompts across steps; max_num_seqs must
+    # stay <= max_num_batched_tokens
+    return {
+        "gpu_memory_utilization": min(requested_share, share),
+        "max_num_batched_tokens": plan.max_num_batched_tokens,
+    }
