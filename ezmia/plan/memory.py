@@ -104,6 +104,14 @@ class MemoryPlan:
     logits_bytes: int
     kv_cache_bytes: int
 
+    def engine_args(self) -> dict[str, Any]:
+        """Keyword arguments for ``vllm.LLM`` (chunked prefill, vLLM's default, splits longer
+        prompts across steps; ``max_num_seqs`` must stay <= ``max_num_batched_tokens``)."""
+        return {
+            "gpu_memory_utilization": self.gpu_memory_utilization,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+        }
+
 
 def plan_memory(
     config: Mapping[str, Any],
@@ -200,9 +208,4 @@ def engine_settings(
         max_model_len=max_model_len,
     )
     share = plan.gpu_memory_utilization / engines_per_gpu
-    # chunked prefill, vLLM's default, splits longer prompts across steps; max_num_seqs must
-    # stay <= max_num_batched_tokens
-    return {
-        "gpu_memory_utilization": min(requested_share, share),
-        "max_num_batched_tokens": plan.max_num_batched_tokens,
-    }
+    return {**plan.engine_args(), "gpu_memory_utilization": min(requested_share, share)}

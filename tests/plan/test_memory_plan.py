@@ -147,10 +147,8 @@ def test_incomplete_config_is_refused_naming_the_missing_key():
 
 
 def test_engine_args_are_the_two_planned_vllm_settings():
-    settings = engine_settings(LLAMA_3_8B, model="8b", dtype="bfloat16", tensor_parallel_size=1,
-                               gpu_memory_bytes=22 * GIB, max_model_len=8192,
-                               engines_per_gpu=1, requested_share=1.0)  # fmt: skip
-    assert settings == {"gpu_memory_utilization": 0.79, "max_num_batched_tokens": 2048}
+    plan = _plan("8B", GPUS["24GB"], 1)
+    assert plan.engine_args() == {"gpu_memory_utilization": 0.79, "max_num_batched_tokens": 2048}
 
 
 def test_two_engines_sharing_a_gpu_each_get_the_plan_of_half_of_it():
