@@ -160,7 +160,9 @@ def sized_audit(args: argparse.Namespace, models, data: str, out: Path, engine: 
         started = time.perf_counter()
         result = audit(config)
         seconds = time.perf_counter() - started
-    from ezmia.data.outputs import read_scores
+    import pyarrow.parquet as pq
+
+    from ezmia.data.outputs import part_files
 
     return {
         "seconds": seconds,
@@ -169,7 +171,7 @@ def sized_audit(args: argparse.Namespace, models, data: str, out: Path, engine: 
         "object_store_peak_mb": store.peak / 2**20,
         "object_store_spilled_mb": store.spilled / 2**20,
         "object_store_sample_errors": store.errors[:3],
-        "scores_mb": read_scores(str(out)).nbytes / 2**20,
+        "scores_mb": sum(pq.read_table(f).nbytes for f in part_files(str(out))) / 2**20,
     }
 
 

@@ -12,7 +12,6 @@ without it is never a finished report; a finished one is replaced only with ``--
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
@@ -21,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ezmia.data import storage
 from ezmia.data.locks import LockHeld, Locks
-from ezmia.errors import InputError, OutputError
+from ezmia.errors import OutputError
 
 SUCCESS = "_SUCCESS"
 SCORES_DIR = "scores"
@@ -264,13 +262,3 @@ def write_scores(
     uri = storage.join(out, part_name(part))
     storage.write_parquet(uri, table, encryption)
     return uri
-
-
-def read_scores(out: str) -> pa.Table:
-    """Every scores part of an audit, concatenated in source order."""
-    files = part_files(out)
-    if not files:
-        raise InputError(f"{out}: no scores/*.parquet; is this an ezmia audit output?")
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(f))) for f in files]
-    table = pa.concat_tables(tables, promote_options="permissive")
-    return table.sort_by("source_row")
