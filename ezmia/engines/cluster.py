@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Sequence
 from pathlib import Path
 
 from ezmia import errors
@@ -80,7 +80,7 @@ def connect(config: AuditConfig) -> dict[str, float]:
             ) from err
     quiet_ray_data()
     nodes, types = ray.nodes(), node_types()
-    joined = stage_gpus(config, _has_gpus(nodes, types))
+    joined = stage_gpus(config, any(gpus for _, gpus in _alive_shapes(nodes) + types))
     for gpus in sorted(set(joined.values())):
         if config.ray.gpus_per_actor is None:
             check_request(config.ray, config.device, gpus)
@@ -131,9 +131,10 @@ def node_types() -> list[tuple[float, float]]:
     ]
 
 
-def _has_gpus(nodes: list[dict], types: list[tuple[float, float]]) -> bool:
-    alive = [n["Resources"].get("GPU", 0.0) for n in nodes if n.get("Alive")]
-    return any(alive) or any(gpus for _, gpus in types)
+def _alive_shapes(nodes: list[dict]) -> list[tuple[float, float]]:
+    """``(CPU, GPU)`` of each alive node of ``ray.nodes()``."""
+    resources = [n["Resources"] for n in nodes if n.get("Alive")]
+    return [(r.get("CPU", 0.0), r.get("GPU", 0.0)) for r in resources]
 
 
 def stage_gpus(config: AuditConfig, cluster_has_gpus: bool) -> dict[str, float]:
@@ -251,23 +252,14 @@ def check_request(options: RayOptions, device: str, gpus: float) -> None:
 
 
 def check_resources(
-    options: RayOptions,
-    nodes: list[dict],
-    types: Iterable[tuple[float, float]] = (),
-    gpus: float | None = None,
+    options: RayOptions, nodes: list[dict], types: Sequence[tuple[float, float]], gpus: float
 ) -> None:
-    """Refuse model-stage actors (``gpus`` each, default ``--ray-gpus-per-actor``) that no
-    alive node and no autoscaling node type (``types``: ``(CPU, GPU)``, ``node_types()``) can
-    host, and more ``min_actors`` than the alive nodes host at once when no node type could
-    add more. ``nodes`` is ``ray.nodes()``."""
+    """Refuse model-stage actors (``gpus`` each) that no alive node and no autoscaling node
+    type (``types``: ``(CPU, GPU)``, ``node_types()``) can host, and more ``min_actors`` than
+    the alive nodes host at once when no node type could add more. ``nodes`` is
+    ``ray.nodes()``."""
     cpus = options.cpus_per_actor
-    gpus = (options.gpus_per_actor or 0.0) if gpus is None else gpus
-    shapes = [
-        (n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
-        for n in nodes
-        if n.get("Alive")
-    ]
-    types = list(types)
+    shapes = _alive_shapes(nodes)
     if any(actors_per_node(shape, cpus, gpus) for shape in types):
         return  # the autoscaler can start a node that hosts it (and more of them)
     counted = _describe_nodes(shapes, types)
@@ -312,18 +304,16 @@ def actors_per_node(shape: tuple[float, float], cpus: float, gpus: float) -> int
     return min(counts)
 
 
-def _describe_nodes(shapes: list[tuple[float, float]], types: list[tuple[float, float]]) -> str:
+def _describe_nodes(shapes: list[tuple[float, float]], types: Sequence[tuple[float, float]]) -> str:
     """``"alive nodes now: 2 x (2 CPU, 0 GPU)"``, plus the autoscaling node types (or that the
     check cannot see any)."""
     groups = Counter(shapes)
     listed = ", ".join(f"{n} x ({c:g} CPU, {g:g} GPU)" for (c, g), n in sorted(groups.items()))
+    alive = f"alive nodes now: {listed or 'none'}"
     if not types:
-        return (
-            f"alive nodes now: {listed or 'none'}; nodes an autoscaler has not started are not "
-            "counted"
-        )
+        return f"{alive}; nodes an autoscaler has not started are not counted"
     kinds = ", ".join(f"({c:g} CPU, {g:g} GPU)" for c, g in sorted(set(types)))
-    return f"alive nodes now: {listed or 'none'}; autoscaling node types: {kinds}"
+    return f"{alive}; autoscaling node types: {kinds}"
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

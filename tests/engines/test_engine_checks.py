@@ -257,11 +257,11 @@ def test_actor_requests_are_checked_against_whole_alive_nodes():
     ]  # fmt: skip
     for options, *fragments in refused:
         with pytest.raises(InputError) as raised:
-            check_resources(options, cluster)
+            check_resources(options, cluster, [], options.gpus_per_actor or 0.0)
         for fragment in [*fragments, shapes]:
             assert fragment in str(raised.value), str(raised.value)
-    check_resources(RayOptions(gpus_per_actor=0.5, min_actors=4, max_actors=8), cluster)
-    check_resources(RayOptions(cpus_per_actor=16, min_actors=2, max_actors=3), cluster)
+    check_resources(RayOptions(gpus_per_actor=0.5, min_actors=4, max_actors=8), cluster, [], 0.5)
+    check_resources(RayOptions(cpus_per_actor=16, min_actors=2, max_actors=3), cluster, [], 0.0)
 
 
 def test_gpu_requests_fit_autoscaling_node_types_scaled_to_zero():
