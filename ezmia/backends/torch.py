@@ -46,12 +46,6 @@ _PASS_OVERHEAD_TOKENS = {"cpu": 32}
 _ACCELERATOR_PASS_OVERHEAD_TOKENS = 2**40
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """bf16 on CUDA, fp32 on CPU, unless asked otherwise."""
     if dtype == "auto":
@@ -269,7 +263,8 @@ class TorchBackend(ScoringBackend):
     ) -> None:
         check_device(device)  # also on a Ray actor, whose node may differ from the driver's
         self.role = role
-        self.device = pick_device(device)
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(auto if device == "auto" else device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
         self._tile = _TILES.get(self.device.type, _ACCELERATOR_TILES)
