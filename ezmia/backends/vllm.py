@@ -35,7 +35,7 @@ from typing import Any, get_args
 import numpy as np
 
 from ezmia.backends import scored_length
-from ezmia.backends.base import PassColumns, Role, ScoringBackend
+from ezmia.backends.base import ROLE_COLUMNS, PassColumns, Role, ScoringBackend
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError
 from ezmia.plan.checks import vocab_sizes
@@ -232,28 +232,26 @@ class VllmBackend(ScoringBackend):
             _shutdown(llm)
 
     def pass_columns(self, sequences: Sequence[Sequence[int]]) -> PassColumns:
-        empty, no_hits = np.zeros(0, dtype=np.float64), np.zeros(0, dtype=bool)
-        columns: PassColumns = {}
-        if self.target is not None:
-            columns.update(
-                lp_target=[empty] * len(sequences), target_top1=[no_hits] * len(sequences)
-            )
-        if self.reference is not None:
-            columns["lp_reference"] = [empty] * len(sequences)
+        empty = {"target_top1": np.zeros(0, dtype=bool)}
+        columns: PassColumns = {
+            name: [empty.get(name, np.zeros(0))] * len(sequences)
+            for name in ROLE_COLUMNS[self.role]
+            if name not in ("mu", "sigma")  # no distribution
+        }
         scored = [i for i, s in enumerate(sequences) if len(s) >= 2]
         if not scored:
             return columns
         batch = [list(sequences[i]) for i in scored]
         self._check_lengths(batch, scored)
-        passes = []
+        passes: PassColumns = {}
         if self.target is not None:
-            lp, top1 = self._pass(self.target, batch, self._lora_request)
-            passes += [("lp_target", lp), ("target_top1", top1)]
+            target = self._pass(self.target, batch, self._lora_request)
+            passes["lp_target"], passes["target_top1"] = target
         if self.reference is not None:
-            passes.append(("lp_reference", self._pass(self.reference, batch, None)[0]))
-        for name, values in passes:
-            for k, i in enumerate(scored):
-                columns[name][i] = values[k]
+            passes["lp_reference"] = self._pass(self.reference, batch, None)[0]
+        for name, values in passes.items():
+            for i, value in zip(scored, values, strict=True):
+                columns[name][i] = value
         return columns
 
     def _check_lengths(self, batch: list[list[int]], rows: list[int]) -> None:
