@@ -29,7 +29,6 @@ from ezmia.backends.canary import HALF_PRECISION, compare_stats, stage_stats
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError, ModelError
 from ezmia.plan.models import ModelPlan, context_length
-from ezmia.stats.scores import TokenStats
 
 log = logging.getLogger(__name__)
 
@@ -224,23 +223,25 @@ def _vllm_with_canary(
     """vLLM once the canary agrees with PyTorch; else PyTorch, or stop (``on_canary_failure``)."""
     reason = "vLLM backend" + (" (requested)" if config.backend == "vllm" else "")
     sequences = canary_sequences(plan, config)
-    expected = _torch_stats(plan, config, role, sequences) if sequences else None
+    if sequences:  # PyTorch first, released before the engines start
+        with contextlib.closing(torch_backend(plan, config, role)) as backend:
+            expected = stage_stats(backend.pass_columns(sequences))
+            torch_dtype = str(backend.dtype).removeprefix("torch.")
     try:
         primary = vllm_backend(plan, config, role)
     except Exception as err:  # vLLM raises many types; all mean "no engine"
         why = f"the vLLM engine failed to start ({type(err).__name__}: {err})"
         log.warning("%s; scoring with PyTorch", why)
         return torch_backend(plan, config, role), {"name": "torch", "reason": why}
-    if expected is None:
+    if not sequences:
         return primary, {"name": "vllm", "reason": reason + "; canary skipped"}
-    stats, torch_dtype = expected
     try:
         observed = stage_stats(primary.pass_columns(sequences))
     except Exception as err:  # an engine crash on the canary is a failed canary
         log.warning("vLLM failed on the canary: %s: %s", type(err).__name__, err)
         observed = []
     dtype = primary.dtype if primary.dtype in HALF_PRECISION else torch_dtype
-    result = compare_stats(observed, stats, dtype)
+    result = compare_stats(observed, expected, dtype)
     verdict = result.describe()
     record = result.as_record()
     if result.passed:
@@ -268,12 +269,3 @@ def canary_sequences(plan: ModelPlan, config: AuditConfig) -> list[list[int]]:
     limit = scored_length(plan, config.max_length)
     canary = tokenize(load_tokenizer(plan.tokenizer), list(CANARY_TEXTS), limit).input_ids
     return [list(ids) for ids in canary if len(ids) >= 2][:count]
-
-
-def _torch_stats(
-    plan: ModelPlan, config: AuditConfig, role: Role, sequences: list[list[int]]
-) -> tuple[list[TokenStats], str]:
-    """PyTorch's statistics of the canary and its dtype; the models are released after."""
-    with contextlib.closing(torch_backend(plan, config, role)) as backend:
-        stats = stage_stats(backend.pass_columns(sequences))
-        return stats, str(backend.dtype).removeprefix("torch.")
