@@ -48,10 +48,9 @@ def resolve_model_dir(uri: str, cache_dir: str | Path | None = None, weights: bo
     Without ``weights``, an S3 model's directory holds its small files and each safetensors
     file's header only (``HEADER``; range requests): enough to plan and check, never to load."""
     cache = cache_root(cache_dir)
-    if storage.is_s3(uri) and not weights:
-        return _download_s3_model(uri, cache / "plans", weights=False, headers=True)
     if storage.is_s3(uri):
-        return _download_s3_model(uri, cache / "models")
+        folder = cache / ("models" if weights else "plans")
+        return _download_s3_model(uri, folder, weights=weights, headers=not weights)
     path = Path(uri).expanduser()
     if path.is_dir():
         return path.resolve()
