@@ -117,22 +117,17 @@ def _collector_paused() -> Iterator[Callable[[], None]]:
     if not gc.isenabled() or gc.get_freeze_count():  # the caller's (or another audit's) choice
         yield lambda: None
         return
-    gc.disable()
-    frozen = False
 
     def started() -> None:
-        nonlocal frozen
         gc.freeze()
         gc.enable()
-        frozen = True
 
+    gc.disable()
     try:
         yield started
     finally:
-        if frozen:
-            gc.unfreeze()
-        else:
-            gc.enable()
+        gc.unfreeze()  # nothing is frozen when the start failed
+        gc.enable()
 
 
 def audit(config: AuditConfig) -> AuditResult:
