@@ -119,14 +119,12 @@ def node_types() -> list[tuple[float, float]]:
     try:
         import ray._private.state
 
-        config = ray._private.state.state.get_cluster_config()
-    except Exception:  # private API: no autoscaler information then
-        return []
-    if config is None:
+        groups = ray._private.state.state.get_cluster_config().node_group_configs
+    except Exception:  # no cluster config (no autoscaler), or Ray's private API moved
         return []
     return [
         (float(g.resources.get("CPU", 0.0)), float(g.resources.get("GPU", 0.0)))
-        for g in config.node_group_configs
+        for g in groups
         if g.max_count != 0
     ]
 
@@ -183,12 +181,7 @@ def _reenter(cwd: str) -> None:
         return
     here = NodeAffinitySchedulingStrategy(context.get_node_id(), soft=False)
     ray.get(ray.remote(_noop).options(num_cpus=0, scheduling_strategy=here).remote())
-    try:
-        moved = not os.path.samefile(".", cwd)
-    except FileNotFoundError:
-        moved = True
-    if moved:
-        os.chdir(cwd)
+    os.chdir(cwd)  # the same folder where it was not extracted afresh
 
 
 def _probe(address: str, flag: str) -> None:
