@@ -29,6 +29,8 @@ TEXT_DIGEST = "__text_digest"
 DIGEST_BYTES = 16
 """Text digests keep the first 128 bits of SHA-256: collisions are out of reach (about
 n**2 / 2**129 for n rows) at half the memory."""
+_STRINGS = (pa.string(), pa.large_string())
+_BINARIES = (pa.binary(), pa.large_binary())
 
 
 @dataclass(frozen=True)
@@ -40,17 +42,15 @@ class Columns:
     label: str | None = None
 
     def __post_init__(self) -> None:
-        if self.id is not None and self.id == self.text:
-            raise InputError(
-                f"--id-column {self.id!r} is also the text column: ids are copied into the "
-                "scores and the report, texts are private; choose another --id-column, or drop "
-                "it to number rows by position"
-            )
-        if self.id is not None and self.id == self.label:
-            raise InputError(
-                f"--id-column {self.id!r} is also the label column; choose another "
-                "--id-column, or drop it to number rows by position"
-            )
+        if self.id is None or self.id not in (self.text, self.label):
+            return
+        clash = "label column"
+        if self.id == self.text:
+            clash = "text column: ids are copied into the scores and the report, texts are private"
+        raise InputError(
+            f"--id-column {self.id!r} is also the {clash}; choose another --id-column, or drop "
+            "it to number rows by position"
+        )
 
     def needed(self) -> list[str]:
         return [c for c in (self.text, self.id, self.label) if c]
@@ -161,13 +161,7 @@ def _value_type(data_type: pa.DataType) -> pa.DataType:
 
 
 def _is_text(data_type: pa.DataType) -> bool:
-    value = _value_type(data_type)
-    return (
-        pa.types.is_string(value)
-        or pa.types.is_large_string(value)
-        or pa.types.is_binary(value)
-        or pa.types.is_large_binary(value)
-    )
+    return _value_type(data_type) in _STRINGS + _BINARIES
 
 
 def _id_kind(data_type: pa.DataType) -> str | None:
@@ -175,7 +169,7 @@ def _id_kind(data_type: pa.DataType) -> str | None:
     value = _value_type(data_type)
     if pa.types.is_integer(value):
         return "integer"
-    if pa.types.is_string(value) or pa.types.is_large_string(value):
+    if value in _STRINGS:
         return "string"
     return None
 
@@ -267,10 +261,8 @@ def plan_fragments(
                 "point at the folder that holds the data"
             )
     id_type = None
-    with_rows = [(file, meta) for file, meta, _ in opened if meta.num_rows]
-    if columns.id and with_rows:
-        schemas = [(file, meta.schema.to_arrow_schema()) for file, meta in with_rows]
-        types = [(file, schema.field(columns.id).type) for file, schema in schemas]
+    if columns.id and (with_rows := [(f, m) for f, m, _ in opened if m.num_rows]):
+        types = [(f, m.schema.to_arrow_schema().field(columns.id).type) for f, m in with_rows]
         id_type = str(unify_id_types(types, columns.id))
     fragments: list[Fragment] = []
     offset = 0
@@ -294,14 +286,13 @@ def _check_one_side(
     """Refuse a file reached from both a member and a non-member dataset (the same path
     twice, or a file and the folder holding it)."""
     key = file if storage.is_s3(file) else str(Path(file).resolve())
-    if label is not None and key in seen and seen[key][0] is not None and seen[key][0] != label:
-        first_label, first_uri = seen[key]
+    first_label, first_uri = seen.setdefault(key, (label, uri))
+    if label is not None and first_label not in (None, label):
         raise InputError(
             f"{file}: given as both {_SIDE_FLAGS[first_label]} ({first_uri}) and "
             f"{_SIDE_FLAGS[label]} ({uri}); a row is either a member or a non-member: give "
             "each file to one side only"
         )
-    seen.setdefault(key, (label, uri))
 
 
 def read_fragment(fragment: Fragment, columns: Columns, with_text: bool = True) -> pa.Table:
@@ -323,12 +314,9 @@ def read_fragment(fragment: Fragment, columns: Columns, with_text: bool = True) 
         if table.schema.field(columns.id).type != id_type:
             position = table.schema.get_field_index(columns.id)
             table = table.set_column(position, columns.id, table.column(columns.id).cast(id_type))
-    index = pa.array(range(fragment.offset, fragment.offset + table.num_rows), pa.int64())
-    table = table.append_column(ROW_INDEX, index)
-    start = fragment.file_offset
-    table = table.append_column(
-        FILE_ROW, pa.array(range(start, start + table.num_rows), pa.int64())
-    )
+    for name, start in ((ROW_INDEX, fragment.offset), (FILE_ROW, fragment.file_offset)):
+        rows = pa.array(range(start, start + table.num_rows), pa.int64())
+        table = table.append_column(name, rows)
     if fragment.label is not None:
         table = table.append_column("__label", pa.array([fragment.label] * table.num_rows))
     return table
@@ -344,8 +332,8 @@ def normalize(table: pa.Table, columns: Columns, source: str) -> pa.Table:
     if FILE_ROW in table.column_names:
         out[FILE_ROW] = table.column(FILE_ROW)
     if columns.label:
-        rows = table.column(FILE_ROW) if FILE_ROW in table.column_names else None
-        out["is_member"] = labels_to_bool(table.column(columns.label), columns.label, source, rows)
+        label = table.column(columns.label)
+        out["is_member"] = labels_to_bool(label, columns.label, source, out.get(FILE_ROW))
     elif "__label" in table.column_names:
         out["is_member"] = table.column("__label")
     return pa.table(out)
@@ -356,7 +344,7 @@ def _as_string(text: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
     dictionary-encoded)."""
     if pa.types.is_dictionary(text.type):
         text = text.cast(text.type.value_type)
-    if pa.types.is_binary(text.type) or pa.types.is_large_binary(text.type):
+    if text.type in _BINARIES:
         return pa.array([_decode(v) for v in text.to_pylist()], pa.string())
     return text if text.type == pa.string() else text.cast(pa.string())
 
@@ -439,7 +427,6 @@ def labels_to_bool(
         row = bad.to_pylist().index(True)
         raise InputError(
             f"{source}: label column {name!r} has value {column[row].as_py()!r} at row "
-            f"{at(row)}; "
-            "expected bool or 0/1 (1 = member)"
+            f"{at(row)}; expected bool or 0/1 (1 = member)"
         )
     return pc.equal(column, 1)
