@@ -72,8 +72,13 @@ class Shape:
     def weights_per_gpu(self, tp: int, dtype_bytes: int) -> int:
         """Weight bytes on each of ``tp`` GPUs: everything split ``tp`` ways, except that
         key/value heads are replicated once ``tp`` exceeds their number."""
+        q_and_o = 2 * self.hidden * self.heads * self.head_dim
+        mlp = 3 * self.hidden * self.intermediate
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        sharded = self.layers * (q_and_o + mlp) + embeddings
         kv_heads = max(1, self.kv_heads // tp)
-        return (self._sharded() // tp + self._kv_projection(kv_heads)) * dtype_bytes
+        kv_projection = self.layers * 2 * self.hidden * kv_heads * self.head_dim
+        return (sharded // tp + kv_projection) * dtype_bytes
 
     def kv_bytes_per_token(self, tp: int, dtype_bytes: int) -> int:
         """KV cache bytes per token on each GPU."""
@@ -83,15 +88,6 @@ class Shape:
         """Peak activations of one step in vLLM's profile: residual, normed input, attention
         in/out per token, and the MLP's gate, up and product split ``tp`` ways."""
         return tokens * (4 * self.hidden + 3 * self.intermediate // tp) * dtype_bytes
-
-    def _sharded(self) -> int:
-        q_and_o = 2 * self.hidden * self.heads * self.head_dim
-        mlp = 3 * self.hidden * self.intermediate
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.layers * (q_and_o + mlp) + embeddings
-
-    def _kv_projection(self, kv_heads: int) -> int:
-        return self.layers * 2 * self.hidden * kv_heads * self.head_dim
 
 
 @dataclass(frozen=True)
