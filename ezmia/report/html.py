@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -38,7 +38,6 @@ TEXT_LIMIT = 300
 FPR_MIN = 1e-4
 HIST_BINS = 40
 HIST_CLIP_PERCENTILE = 99.0
-EXTRA_COLORS = ("#17becf", "#e377c2", "#7f7f7f", "#bcbd22")  # scores missing from SCORES
 MISSING = "\u2014"  # an em dash where a number is missing
 
 VERDICT_COLORS: dict[str, tuple[str, str]] = {
@@ -100,19 +99,9 @@ def _is_num(value: Any) -> bool:
     )
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    """A number with fixed decimals; an em dash when missing or not finite."""
-    return f"{float(value):.{digits}f}" if _is_num(value) else MISSING
-
-
-def _fmt_sig(value: Any, sig: int = 4) -> str:
-    """A number with ``sig`` significant digits; an em dash when missing."""
-    return f"{float(value):.{sig}g}" if _is_num(value) else MISSING
-
-
-def _fmt_pct(value: Any, digits: int = 1) -> str:
-    """A fraction as a percentage; an em dash when missing."""
-    return f"{100 * float(value):.{digits}f}%" if _is_num(value) else MISSING
+def _fmt(value: Any, spec: str = ".3f") -> str:
+    """A number in a format spec (".4g", ".1%"); an em dash when missing or not finite."""
+    return format(float(value), spec) if _is_num(value) else MISSING
 
 
 def _fmt_ci(ci: Any, pct: bool) -> str:
@@ -124,7 +113,7 @@ def _fmt_ci(ci: Any, pct: bool) -> str:
     return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-TEMPLATES.filters.update(num=_fmt, sig=_fmt_sig, pct=_fmt_pct, interval=_fmt_ci)
+TEMPLATES.filters.update(num=_fmt, interval=_fmt_ci)
 
 
 def _label(column: str) -> str:
@@ -132,9 +121,9 @@ def _label(column: str) -> str:
     return SCORES[column].label if column in SCORES else column
 
 
-def _color(column: str, index: int) -> str:
-    """Chart colour of a score column."""
-    return SCORES[column].color if column in SCORES else EXTRA_COLORS[index % len(EXTRA_COLORS)]
+def _ordered(keys: Iterable[str], known: Iterable[str]) -> list[str]:
+    """``keys`` in the order of ``known``, then any others by name."""
+    return [k for k in known if k in keys] + sorted(set(keys) - set(known))
 
 
 # ---------------------------------------------------------------- table access
@@ -194,22 +183,13 @@ def _plain(value: Any) -> str:
 # ---------------------------------------------------------------- sections as plain values
 
 
-def _verdict(summary: Summary) -> dict[str, Any]:
-    """The verdict box: level, colours, text, warnings and the privacy line."""
-    verdict = summary.verdict
-    fg, bg = VERDICT_COLORS.get(verdict.level, VERDICT_COLORS["unknown"])
-    title = "Detection" if summary.mode == "detection" else "Leakage risk"
-    return {"title": title, "fg": fg, "bg": bg, **verdict.model_dump()}
-
-
 def _statuses(summary: Summary) -> list[tuple[str, int, str, str]]:
     """``(status, rows, share, meaning)`` of every EZ status counted."""
     counts = summary.status_counts
     total = sum(counts.values()) or 1
-    order = [s for s in EZ_STATUSES if s in counts] + sorted(set(counts) - set(EZ_STATUSES))
     return [
-        (s, counts[s], _fmt_pct(counts[s] / total), STATUS_NOTES.get(s, "Unrecognised status."))
-        for s in order
+        (s, counts[s], _fmt(counts[s] / total, ".1%"), STATUS_NOTES.get(s, "Unrecognised status."))
+        for s in _ordered(counts, EZ_STATUSES)
     ]
 
 
@@ -222,24 +202,19 @@ def _metric_cell(m: MetricsBase, name: str) -> dict[str, str]:
             "text": "n/r",
             "ci": "",
             "note": f"needs {unresolved.needs_nonmembers} non-members; at most "
-            f"{_fmt_pct(unresolved.upper_bound)} (the TPR at "
-            f"{_fmt_pct(unresolved.upper_bound_at_fpr, 2)} FPR)",
+            f"{_fmt(unresolved.upper_bound, '.1%')} (the TPR at "
+            f"{_fmt(unresolved.upper_bound_at_fpr, '.2%')} FPR)",
         }
     pct = name != "auc"
-    value = _fmt_pct(getattr(m, name)) if pct else _fmt(getattr(m, name))
+    value = _fmt(getattr(m, name), ".1%" if pct else ".3f")
     return {"text": value, "ci": _fmt_ci(getattr(m, f"{name}_ci95"), pct), "note": ""}
-
-
-def _ordered(metrics: Mapping[str, Any]) -> list[str]:
-    """Score columns with metrics: registry order, then any others by name."""
-    return [c for c in SCORES if c in metrics] + sorted(set(metrics) - set(SCORES))
 
 
 def _metrics(summary: Summary) -> dict[str, Any]:
     """The attack-performance section: one row per score, operating points, skipped scores
     and the blind baseline."""
     metrics = summary.metrics
-    order = _ordered(metrics)
+    order = _ordered(metrics, SCORES)
     rows = [(_label(c), [_metric_cell(metrics[c], n) for n in METRICS], metrics[c].n)
             for c in order]  # fmt: skip
     points = [(_label(c), f"{100 * FPR_POINTS[name]:g}%", at) for c in order
@@ -265,7 +240,7 @@ def _cell(column: str, value: Any) -> tuple[str, str]:
     if isinstance(value, bool):
         return "", "yes" if value else "no"
     if _is_num(value):
-        return "num", _fmt_sig(value)
+        return "num", _fmt(value, ".4g")
     return "", str(value)
 
 
@@ -297,13 +272,6 @@ def _review(table: pa.Table) -> dict[str, Any] | None:
     if not idx:
         return None
     return {"count": len(idx), **_records(table.take(idx[:TOP_N]), show_status=True)}
-
-
-def _run_details(summary: Summary) -> list[tuple[str, str]]:
-    """Backend and timings."""
-    rows = [("backend", summary.backend.name), ("backend choice", summary.backend.reason)]
-    rows += [(f"time: {key}", f"{value:.1f} s") for key, value in summary.timings.items()]
-    return rows
 
 
 # ---------------------------------------------------------------- chart coordinates
@@ -340,8 +308,8 @@ def _roc(table: pa.Table, metrics: Mapping[str, MetricsBase]) -> dict[str, Any] 
         fpr, tpr = roc(y, score[mask])
         auc = metrics[column].auc if column in metrics else None
         curves.append({
-            "label": _label(column),
-            "color": _color(column, len(curves)),
+            "label": SCORES[column].label,
+            "color": SCORES[column].color,
             "width": 2.6 if column == "ez_score" else 1.6,
             "points": _points(px(fpr), py(tpr)),
             "auc": f"{auc if _is_num(auc) else point_metrics(y, score[mask])['auc']:.3f}",
@@ -378,10 +346,10 @@ def _histogram(
     if not hi > lo:
         hi = float(pooled.max()) if pooled.max() > lo else lo + 1.0
     edges = np.linspace(lo, hi, HIST_BINS + 1)
-    heights = []
-    for _, values, _ in data:
-        counts, _ = np.histogram(np.clip(values, lo, hi), bins=edges)
-        heights.append(counts / max(values.size, 1) if density else counts.astype(float))
+    heights = [
+        np.histogram(np.clip(v, lo, hi), bins=edges)[0] / (v.size if density else 1)
+        for _, v, _ in data
+    ]
     ymax = max(float(hs.max()) for hs in heights) or 1.0
     if not density:
         ymax = 4.0 * math.ceil(ymax / 4.0)  # integer count ticks
@@ -451,21 +419,17 @@ def render_report(summary: Summary, scores: pa.Table) -> str:
         histogram = _histogram(_ez_series(scores, mode), threshold, density=mode != "detection")
     config = _flatten(summary.config)
     return TEMPLATES.get_template("report.html.j2").render(
-        name=summary.name,
-        n_rows=summary.n_rows,
-        mode=mode,
-        verdict=_verdict(summary),
+        summary=summary,
+        colors=VERDICT_COLORS.get(summary.verdict.level, VERDICT_COLORS["unknown"]),
         models=_flatten(summary.models.dump()),
         essentials=[(k, v) for k, v in config if ESSENTIAL_KEY.search(k)],
         config=config,
         statuses=_statuses(summary),
-        scores=[SCORES[c] for c in _ordered(summary.metrics) if c in SCORES],
+        scores=[score for c, score in SCORES.items() if c in summary.metrics],
         metrics=_metrics(summary) if mode == "leakage" else None,
         labelled=labelled,
         roc=_roc(scores, summary.metrics) if labelled else None,
-        detection=detection,
         histogram=histogram,
         top=_top_records(scores),
         review=_review(scores),
-        run_details=_run_details(summary),
     )
