@@ -88,24 +88,6 @@ def open_engine(plan: AuditPlan) -> Engine:
     return LocalEngine(plan)
 
 
-def finish(
-    plan: AuditPlan,
-    output: outputs.Output,
-    scores: pa.Table,
-    detection: dict | None,
-    meta: RunMetadata,
-) -> Summary:
-    """Summary, report and ``_SUCCESS`` (last), from the score columns only."""
-    config = plan.config
-    started = time.perf_counter()
-    data = summarize(config, scores, detection, plan.blind_baseline)
-    plan.timings["summary_s"] = time.perf_counter() - started
-    summary = Summary(**meta.dump(), **data.dump(), timings=plan.timings)
-    publish(output.write, summary, scores)
-    output.write(outputs.SUCCESS, b"")
-    return summary
-
-
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[Callable[[], None]]:
     """Python's cyclic garbage collector paused while an audit starts; calling the function
@@ -152,4 +134,10 @@ def audit(config: AuditConfig) -> AuditResult:
                 meta = run_metadata(plan, engine.backend_choice)
             finally:
                 engine.close()
-            return AuditResult(config.out, finish(plan, output, scores, detection, meta))
+            summarizing = time.perf_counter()  # from the score columns only
+            data = summarize(config, scores, detection, plan.blind_baseline)
+            plan.timings["summary_s"] = time.perf_counter() - summarizing
+            summary = Summary(**meta.dump(), **data.dump(), timings=plan.timings)
+            publish(output.write, summary, scores)
+            output.write(outputs.SUCCESS, b"")  # last
+            return AuditResult(config.out, summary)
