@@ -39,12 +39,8 @@ class Encryption:
     kms_key_id: str | None = None
 
     def put_args(self) -> dict[str, str]:
-        args: dict[str, str] = {}
-        if self.algorithm:
-            args["ServerSideEncryption"] = self.algorithm
-        if self.kms_key_id:
-            args["SSEKMSKeyId"] = self.kms_key_id
-        return args
+        args = {"ServerSideEncryption": self.algorithm, "SSEKMSKeyId": self.kms_key_id}
+        return {name: value for name, value in args.items() if value}
 
 
 def _endpoint() -> str:
