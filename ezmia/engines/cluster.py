@@ -51,21 +51,16 @@ def connect(config: AuditConfig) -> dict[str, float]:
         for gpus in set(stage_gpus(config, device_count("cuda") > 0).values()):
             check_request(config.ray, config.device, gpus)
     if not ray.is_initialized():
-        flag = (
-            f"--ray-address {address}"
-            if config.ray.address
-            else f"RAY_ADDRESS={address}"
-            if address
-            else "a new local Ray instance (no --ray-address or RAY_ADDRESS)"
-        )
-        if address and job_server_address(address):
-            raise InputError(
-                f"{flag}: this is a Ray job server's address (the dashboard's, which "
-                "`ray job submit` takes), not a cluster to join: pass --ray-address HOST:6379 "
-                "(the head's GCS address), submit jobs/audit.py with `ray job submit`, or use "
-                "--engine local"
-            )
+        flag = "a new local Ray instance (no --ray-address or RAY_ADDRESS)"
         if address:
+            flag = f"--ray-address {address}" if config.ray.address else f"RAY_ADDRESS={address}"
+            if job_server_address(address):
+                raise InputError(
+                    f"{flag}: this is a Ray job server's address (the dashboard's, which "
+                    "`ray job submit` takes), not a cluster to join: pass --ray-address "
+                    "HOST:6379 (the head's GCS address), submit jobs/audit.py with `ray job "
+                    "submit`, or use --engine local"
+                )
             _probe(address, flag)
         cwd, sigterm = os.getcwd(), signal.getsignal(signal.SIGTERM)
         try:
