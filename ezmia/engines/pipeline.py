@@ -4,11 +4,10 @@
               -> target stage (actor pool) -> reference stage (actor pool)
               -> score (CPU tasks) -> write parts (CPU tasks, OUT/scores/)
 
-Each model stage is its own actor pool with its own GPUs (``gpus_per_actor``, by default the
-stage's tensor-parallel size on a cluster with GPUs); a LoRA target keeps both passes in one
-stage on one copy of its base (``scoring.model_stages``). Stages pass only compact
-per-position list columns. Every actor resolves its models from their URIs on its own node
-(downloaded once per node under a file lock); tokenize tasks fetch only the tokenizer's files.
+Each model stage (``scoring.model_stages``) is its own actor pool, with the GPUs
+``cluster.stage_gpus`` gives it. Every actor resolves its models from their URIs on its own
+node (downloaded once per node under a file lock); tokenize tasks fetch only the tokenizer's
+files.
 
 Streaming: each part is written as its rows finish, named after the first source row of its
 slice (``rows_per_block`` rows of one fragment, planned and claimed in the manifest on the
@@ -17,9 +16,6 @@ return one small row per part; the driver then commits: it reads the parts' scor
 back (never texts) and checks that every source row is there exactly once, before the audit
 writes its summary and ``_SUCCESS``. Object store and driver memory are bounded by the blocks
 in flight and the score columns.
-
-The engine runs on the cluster ``ezmia.engines.cluster.connect`` joined and checked; an
-error raised there reaches the user as one line (``cluster_error``).
 """
 
 from __future__ import annotations
@@ -38,14 +34,13 @@ import pyarrow.parquet as pq
 from ezmia.backends.base import Role
 from ezmia.config import AuditConfig
 from ezmia.data import outputs, storage
-from ezmia.data.datasets import ROW_INDEX, Columns, Fragment, normalize, read_fragment
+from ezmia.data.datasets import Columns, Fragment, normalize, read_fragment
 from ezmia.data.text import load_tokenizer
 from ezmia.engines.cluster import cluster_error, connect
 from ezmia.engines.scoring import (
     ModelStage,
     add_flagged,
     calibrate,
-    combined_choice,
     model_stages,
     score_rows,
     stage_models,
@@ -72,25 +67,17 @@ def plan_slices(fragments: list[Fragment], rows_per_block: int) -> list[int]:
     ]
 
 
-def _read(batch: dict, columns: Columns) -> pa.Table:
-    """Read the fragments named in a batch of ``Fragment`` fields."""
-    fragments = [Fragment(**row) for row in pa.table(batch).to_pylist()]
-    return pa.concat_tables(
-        [normalize(read_fragment(f, columns), columns, f.uri) for f in fragments],
-        promote_options="permissive",
-    )
-
-
 def _read_slices(batch: dict, columns: Columns, rows_per_block: int) -> Iterator[pa.Table]:
     """Read one fragment (a batch of one ``Fragment``'s fields) and yield it slice by slice,
     each row with its slice's first source row (``SLICE``). Ray Data builds blocks from whole
     yields (it cuts a block only beyond 1.5 x its target size, far above one slice), so a
     slice stays in one block and is written as one part."""
-    rows = _read(batch, columns)
-    first = pc.min(rows.column(ROW_INDEX)).as_py() if rows.num_rows else 0
+    (fragment,) = (Fragment(**row) for row in pa.table(batch).to_pylist())
+    rows = normalize(read_fragment(fragment, columns), columns, fragment.uri)
     for offset in range(0, rows.num_rows, rows_per_block):
         part = rows.slice(offset, rows_per_block)
-        yield part.append_column(SLICE, pa.array([first + offset] * part.num_rows, pa.int64()))
+        start = fragment.offset + offset
+        yield part.append_column(SLICE, pa.array([start] * part.num_rows, pa.int64()))
 
 
 @functools.lru_cache(maxsize=4)
@@ -161,15 +148,14 @@ class SharedBaseModelStage(_NodeModelStage):
     role = "both"
 
 
-STAGE_ACTORS: dict[str, type[ModelStage]] = {
-    "target": TargetModelStage,
-    "reference": ReferenceModelStage,
-    "both": SharedBaseModelStage,
+STAGE_ACTORS: dict[str, type[_NodeModelStage]] = {
+    c.role: c for c in (TargetModelStage, ReferenceModelStage, SharedBaseModelStage)
 }
 
 
 class RayEngine:
-    """Scores on the Ray cluster ``connect`` joined."""
+    """Scores on the Ray cluster ``connect`` joined and checked; an error raised there
+    reaches the user as one line (``cluster_error``)."""
 
     def __init__(self, plan: AuditPlan) -> None:
         self.gpus = connect(plan.config)  # checked again; GPUs per actor of each model stage
@@ -189,7 +175,10 @@ class RayEngine:
                 scores, detection = self._write(scored, self.plan.fragments, output, None), None
         except RayError as err:
             raise cluster_error(err) from err
-        self.backend_choice = self._choice(scores)
+        used = sorted(set(scores.column("backend").to_pylist()))  # the backends actors chose
+        roles = ", ".join(model_stages(self.plan.models.target_is_adapter))
+        reason = f"model stages {roles} on Ray actors; each backend chosen per actor"
+        self.backend_choice = {"name": "+".join(used), "reason": reason}
         return scores, detection
 
     def _read(self, fragments: list[Fragment]):
@@ -301,13 +290,6 @@ class RayEngine:
             reported.update(zip(batch["part"].to_pylist(), batch["rows"].to_pylist(), strict=True))
         return commit(output, fragments, slices, reported)
 
-    def _choice(self, scores: pa.Table) -> dict:
-        """Which backends the stages used (per row in the ``backend`` column)."""
-        used = sorted(set(scores.column("backend").to_pylist()))
-        roles = model_stages(self.plan.models.target_is_adapter)
-        reason = f"model stages {', '.join(roles)} on Ray actors; each backend chosen per actor"
-        return combined_choice({"ray": {"name": "+".join(used), "reason": reason}})
-
     def close(self) -> None:
         """The cluster stays up; actors are released with the dataset."""
 
@@ -341,9 +323,8 @@ def commit(
     tables = []
     for start in slices:
         data = storage.read_bytes(storage.join(output.uri, outputs.part_name(start)))
-        schema = pq.read_schema(io.BytesIO(data))
-        names = [n for n in schema.names if n != "text"]
-        tables.append(pq.read_table(io.BytesIO(data), columns=names))
+        part = pq.ParquetFile(io.BytesIO(data))
+        tables.append(part.read(columns=[n for n in part.schema_arrow.names if n != "text"]))
     scores = pa.concat_tables(tables, promote_options="permissive").sort_by("source_row")
     expected = np.sort(
         np.concatenate([np.arange(f.offset, f.offset + f.num_rows) for f in fragments])
