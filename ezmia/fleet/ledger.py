@@ -21,6 +21,7 @@ class Ledger:
         self.scan_id, self.date, self.encryption = scan_id, date, encryption
         self.parts = 0
         self.seen: set[str] = set()
+        # the successful audit of each (checkpoint URI, fingerprint), by any scan
         self.audited: dict[tuple[str, str], dict] = {}
 
     def refresh(self) -> None:
@@ -40,10 +41,6 @@ class Ledger:
             if row["status"] == "audited":
                 self.audited[(row["checkpoint_uri"], row["fingerprint"])] = row
         self.seen.update(new)
-
-    def last_audit(self, uri: str, fingerprint: str) -> dict | None:
-        """The successful audit of this checkpoint at this fingerprint, if any scan has one."""
-        return self.audited.get((uri, fingerprint))
 
     def append(self, rows: list[dict]) -> str | None:
         """Write ``rows`` as this scan's next part file; returns its URI."""

@@ -109,9 +109,8 @@ def audit_config(scan: Scan, ckpt: Checkpoint) -> AuditConfig | None:
     sidecar = read_options(ckpt.sidecar) if ckpt.sidecar else None
     if rules is None and sidecar is None:
         return None
-    options = {**scan.policy.audit_defaults.model_dump(exclude_unset=True)}
-    options.update(rules or {})
-    options.update(sidecar or {})
+    options = scan.policy.audit_defaults.model_dump(exclude_unset=True) | (rules or {})
+    options |= sidecar or {}
     if scan.engine != "auto":
         options["engine"] = scan.engine
     location = report_location(scan.out, f"{ckpt.name}-{ckpt.fingerprint[:8]}", scan.date)
@@ -161,7 +160,7 @@ def describe(err: Exception) -> str:
 
 def unchanged(scan: Scan, ckpt: Checkpoint) -> dict | None:
     """An ``unchanged`` row when some scan already audited this checkpoint as it is now."""
-    previous = scan.ledger.last_audit(ckpt.uri, ckpt.fingerprint)
+    previous = scan.ledger.audited.get((ckpt.uri, ckpt.fingerprint))
     if previous is None:
         return None
     thresholds = scan.policy.thresholds_for(ckpt.name)
