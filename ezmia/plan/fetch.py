@@ -192,9 +192,8 @@ def _cached(directory: Path, files: list[tuple[str, str, int]], headers: bool) -
     """Whether ``directory`` is a finished download of ``files``, each with its listed size,
     and (for planning) the weights' listing: an entry an older ezmia left without it is
     fetched again, not read as a checkpoint without weights."""
-    if not (directory / COMPLETE).exists() or (
-        headers and not (directory / HEADER_LISTING).exists()
-    ):
+    markers = (COMPLETE, HEADER_LISTING) if headers else (COMPLETE,)
+    if not all((directory / marker).exists() for marker in markers):
         return False
     paths = ((directory / rel, size) for rel, _etag, size in files)
     return all(path.is_file() and path.stat().st_size == size for path, size in paths)
