@@ -20,14 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ezmia.demo.corpus import collect_code_chunks, collect_docstrings, split_corpus
-from ezmia.demo.train import (
-    ModelSizes,
-    finetune_full,
-    finetune_lora,
-    set_adapter_base,
-    train_base,
-    train_tokenizer,
-)
+from ezmia.demo.train import ModelSizes, finetune, set_adapter_base, train_base, train_tokenizer
 
 BUILD_VERSION = 1
 COMPLETE_MARKER = "_COMPLETE"
@@ -208,7 +201,7 @@ def _build(
     step(f"pretraining base ({sizes.n_layer}x{sizes.n_embd}, {sizes.pretrain_epochs} epochs)")
     train_base(splits.pretrain, out.tokenizer, sizes, out.base, seed)
     step(f"full fine-tune on {n_members} members ({sizes.finetune_epochs} epochs)")
-    finetune_full(out.base, splits.members, sizes, out.full, seed)
+    finetune(out.base, splits.members, sizes, out.full, seed, lora=False)
     step(f"LoRA fine-tune on {n_members} members ({sizes.finetune_epochs} epochs)")
-    finetune_lora(out.base, splits.members, sizes, out.lora, seed)
+    finetune(out.base, splits.members, sizes, out.lora, seed, lora=True)
     step("done")

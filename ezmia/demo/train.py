@@ -11,8 +11,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers.implementations import ByteLevelBPETokenizer
+from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from ezmia.data.text import load_tokenizer
 
 EOS = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -55,27 +58,16 @@ DEMO_SIZES = ModelSizes(
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: Path) -> Path:
     """Train a byte-level BPE tokenizer on ``texts`` and save it as a HF fast tokenizer."""
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        texts, vocab_size, min_frequency=0, show_progress=False, special_tokens=[EOS]
     )
-    bpe.train_from_iterator(list(texts), trainer)
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
+        tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
     )
     out_dir = Path(out_dir)
     tok.save_pretrained(out_dir)  # never used to encode: no truncation/padding state baked in
     return out_dir
-
-
-def _load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
 def encode(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]]:
@@ -84,11 +76,9 @@ def encode(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> list[list[int]
 
 def _collate(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; padding is masked out of attention and labelled -100."""
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, seq in enumerate(seqs):
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
+    rows = [torch.tensor(seq, dtype=torch.long) for seq in seqs]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    mask = pad_sequence([torch.ones_like(row) for row in rows], batch_first=True)
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
@@ -150,7 +140,7 @@ def train_base(
 
     ``out_dir`` becomes a complete checkpoint: config, ``model.safetensors``, tokenizer.
     """
-    tok = _load_tokenizer(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     eos = tok.eos_token_id
     stream = [t for ids in encode(tok, texts) for t in [*ids, eos]]
     n = sizes.seq_len
@@ -182,45 +172,6 @@ def train_base(
     return save_checkpoint(model, tokenizer_dir, out_dir)
 
 
-def _load_base(base_dir: Path) -> GPT2LMHeadModel:
-    return GPT2LMHeadModel.from_pretrained(str(Path(base_dir).resolve()), dtype=torch.float32)
-
-
-def _finetune(
-    model: torch.nn.Module,
-    base_dir: Path,
-    texts: Sequence[str],
-    sizes: ModelSizes,
-    lr: float,
-    seed: int,
-) -> None:
-    """Train ``model`` on ``texts``, each cut to ``seq_len`` tokens, no special tokens."""
-    tok = _load_tokenizer(base_dir)
-    seqs = [ids[: sizes.seq_len] for ids in encode(tok, texts) if len(ids) >= 2]
-    train_loop(
-        model,
-        seqs,
-        epochs=sizes.finetune_epochs,
-        lr=lr,
-        batch_size=sizes.batch_size,
-        pad_id=tok.pad_token_id,
-        seed=seed,
-    )
-
-
-def finetune_full(
-    base_dir: Path, texts: Sequence[str], sizes: ModelSizes, out_dir: Path, seed: int
-) -> Path:
-    """Full fine-tune of the base on ``texts``, each cut to ``seq_len`` tokens.
-
-    ``out_dir`` becomes a complete checkpoint: config, ``model.safetensors``, tokenizer.
-    """
-    torch.manual_seed(seed)
-    model = _load_base(base_dir)
-    _finetune(model, base_dir, texts, sizes, sizes.full_lr, seed)
-    return save_checkpoint(model, base_dir, out_dir)
-
-
 def set_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
     """Point ``adapter_config.json``'s ``base_model_name_or_path`` at absolute ``base_dir``."""
     path = Path(adapter_dir) / "adapter_config.json"
@@ -229,26 +180,41 @@ def set_adapter_base(adapter_dir: Path, base_dir: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def finetune_lora(
-    base_dir: Path, texts: Sequence[str], sizes: ModelSizes, out_dir: Path, seed: int
+def finetune(
+    base_dir: Path, texts: Sequence[str], sizes: ModelSizes, out_dir: Path, seed: int, lora: bool
 ) -> Path:
-    """LoRA fine-tune (``c_attn``/``c_proj``) of the base on the same data as the full one.
+    """Fine-tune the base on ``texts``, each cut to ``seq_len`` tokens, no special tokens: all
+    of it, or a LoRA adapter on ``c_attn``/``c_proj``.
 
-    ``out_dir`` holds only the adapter (``adapter_config.json``, ``adapter_model.safetensors``)
-    plus tokenizer files; the adapter config names the absolute ``base_dir``.
+    ``out_dir`` becomes a complete checkpoint (config, ``model.safetensors``, tokenizer), or
+    for LoRA only the adapter (``adapter_config.json``, ``adapter_model.safetensors``) plus
+    tokenizer files, the adapter config naming the absolute ``base_dir``.
     """
     torch.manual_seed(seed)
-    lora = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=sizes.lora_r,
-        lora_alpha=sizes.lora_alpha,
-        lora_dropout=sizes.lora_dropout,
-        target_modules=["c_attn", "c_proj"],
-        fan_in_fan_out=True,
+    model = GPT2LMHeadModel.from_pretrained(str(Path(base_dir).resolve()), dtype=torch.float32)
+    if lora:
+        config = LoraConfig(
+            task_type=TaskType.CAUSAL_LM,
+            r=sizes.lora_r,
+            lora_alpha=sizes.lora_alpha,
+            lora_dropout=sizes.lora_dropout,
+            target_modules=["c_attn", "c_proj"],
+            fan_in_fan_out=True,
+        )
+        model = get_peft_model(model, config)
+    tok = load_tokenizer(base_dir)
+    seqs = [ids[: sizes.seq_len] for ids in encode(tok, texts) if len(ids) >= 2]
+    train_loop(
+        model,
+        seqs,
+        epochs=sizes.finetune_epochs,
+        lr=sizes.lora_lr if lora else sizes.full_lr,
+        batch_size=sizes.batch_size,
+        pad_id=tok.pad_token_id,
+        seed=seed,
     )
-    model = get_peft_model(_load_base(base_dir), lora)
-    _finetune(model, base_dir, texts, sizes, sizes.lora_lr, seed)
     save_checkpoint(model, base_dir, out_dir)
-    (Path(out_dir) / "README.md").unlink(missing_ok=True)  # peft's empty model card
-    set_adapter_base(out_dir, base_dir)
+    if lora:
+        (Path(out_dir) / "README.md").unlink(missing_ok=True)  # peft's empty model card
+        set_adapter_base(out_dir, base_dir)
     return Path(out_dir)
