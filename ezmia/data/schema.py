@@ -44,17 +44,14 @@ def scores_schema(
     return pa.schema(fields, metadata={"ezmia_schema_version": str(SCHEMA_VERSION)})
 
 
-def metric_columns() -> list[str]:
-    """The index's ``<score>_<metric>`` columns, each with ``_lo``/``_hi`` beside it."""
-    return [f"{score}_{metric}" for score in SCORES for metric in METRICS]
-
-
 def index_schema() -> pa.Schema:
     """``OUT/index/date=YYYY-MM-DD/*.parquet``: one row per audit (org-wide job and nightly
-    scan), with every registered score's metrics and their 95% intervals."""
+    scan), with every registered score's metrics (``<score>_<metric>``) and their 95%
+    intervals (``_lo``/``_hi`` beside each)."""
     metrics = [
-        pa.field(f"{name}{end}", pa.float64())
-        for name in metric_columns()
+        pa.field(f"{score}_{metric}{end}", pa.float64())
+        for score in SCORES
+        for metric in METRICS
         for end in ("", "_lo", "_hi")
     ]
     return pa.schema(
