@@ -11,7 +11,7 @@ import sysconfig
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 _SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"})
@@ -27,11 +27,6 @@ class CorpusSplits:
     nonmembers: list[str]
 
 
-def _normalise(text: str) -> str:
-    lines = [line.rstrip() for line in text.strip().splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
-
-
 def collect_docstrings(min_chars: int = 200) -> list[str]:
     """Module, class and function docstrings of the running interpreter's stdlib source.
 
@@ -39,7 +34,7 @@ def collect_docstrings(min_chars: int = 200) -> list[str]:
     ``idlelib``, ``lib2to3`` and third-party packages are skipped. Docstrings shorter than
     ``min_chars`` after whitespace normalisation are dropped; duplicates keep first place.
     """
-    docs = _unique_texts(Path(sysconfig.get_paths()["stdlib"]), None)
+    docs = _unique_texts(None)
     return [doc for doc in docs if len(doc) >= min_chars]
 
 
@@ -51,22 +46,23 @@ def _file_docstrings(path: Path) -> list[str]:
     except (SyntaxError, ValueError, OSError):
         return []
     docs = (ast.get_docstring(n, clean=True) for n in ast.walk(tree) if isinstance(n, _DOC_NODES))
-    return [_normalise(doc) for doc in docs if doc]
+    return [_tidy(doc.strip().splitlines()) for doc in docs if doc]
 
 
 @lru_cache(maxsize=4)
-def _unique_texts(root: Path, chunk_chars: int | None) -> tuple[str, ...]:
-    """The distinct docstrings (``chunk_chars`` None) or code chunks of the stdlib sources
-    under ``root``, in sorted path order, each at its first place."""
+def _unique_texts(chunk_chars: int | None) -> tuple[str, ...]:
+    """The distinct docstrings (``chunk_chars`` None) or code chunks of the stdlib sources,
+    in sorted path order, each at its first place."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    read = _file_docstrings if chunk_chars is None else partial(_file_chunks, max_chars=chunk_chars)
     seen: dict[str, None] = {}
     gc_enabled = gc.isenabled()
     gc.disable()  # ASTs are millions of acyclic nodes: collecting them is wasted time
     try:
-        for path in _stdlib_sources(root):
-            if chunk_chars is None:
-                seen.update(dict.fromkeys(_file_docstrings(path)))
-            else:
-                seen.update(dict.fromkeys(_file_chunks(path, chunk_chars)))
+        for path in sorted(root.rglob("*.py")):
+            if _SKIP_DIRS.intersection(path.relative_to(root).parts[:-1]):
+                continue
+            seen.update(dict.fromkeys(read(path)))
     finally:
         if gc_enabled:
             gc.enable()
@@ -79,13 +75,8 @@ def collect_code_chunks(max_chars: int = 360, min_chars: int = 200) -> list[str]
     own. The same files as ``collect_docstrings``, read in sorted path order; chunks shorter
     than ``min_chars`` after stripping are dropped; duplicates keep first place.
     """
-    chunks = _unique_texts(Path(sysconfig.get_paths()["stdlib"]), max_chars)
+    chunks = _unique_texts(max_chars)
     return [chunk for chunk in chunks if len(chunk) >= min_chars]
-
-
-def _stdlib_sources(root: Path) -> list[Path]:
-    paths = sorted(root.rglob("*.py"))
-    return [p for p in paths if not _SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
 
 
 def _file_chunks(path: Path, max_chars: int) -> list[str]:
@@ -96,19 +87,19 @@ def _file_chunks(path: Path, max_chars: int) -> list[str]:
     chunks, current, size = [], [], 0
     for line in lines:
         if current and size + len(line) + 1 > max_chars:
-            chunks.append(_tidy_code(current))
+            chunks.append(_tidy(current))
             current, size = [], 0
         current.append(line)
         size += len(line) + 1
     if current:
-        chunks.append(_tidy_code(current))
+        chunks.append(_tidy(current))
     return chunks
 
 
-def _tidy_code(lines: list[str]) -> str:
-    """Lines joined without blank lines at either end (indentation kept), runs of blank
-    lines cut to one."""
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines).strip("\n"))
+def _tidy(lines: list[str]) -> str:
+    """Lines right-stripped and joined without blank lines at either end (indentation kept),
+    runs of blank lines cut to one."""
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(map(str.rstrip, lines)).strip("\n"))
 
 
 def split_corpus(
