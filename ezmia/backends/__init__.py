@@ -91,13 +91,10 @@ def why_not_vllm(plan: ModelPlan, config: AuditConfig) -> str | None:
         )
     if auto and on_cpu() and not cpu_allowed:
         return _cpu_reason("the installed vLLM build is CPU-only")
-    device = _vllm_device_reason(config.device, on_cpu())
-    if device is not None:
+    if device := _vllm_device_reason(config.device, on_cpu()):
         return device
     unsupported = _unsupported_architectures(plan, set(ModelRegistry.get_supported_archs()))
-    if unsupported:
-        return f"vLLM {vllm.__version__} does not support {unsupported}"
-    return None
+    return f"vLLM {vllm.__version__} does not support {unsupported}" if unsupported else None
 
 
 def _vllm_device_reason(device: str, cpu_build: bool) -> str | None:
