@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ezmia.backends.base import PassColumns
+from ezmia.backends.base import PassColumns, stats_from_columns
 from ezmia.stats.scores import TokenStats
 
 HALF_PRECISION = ("bfloat16", "float16", "half", "bf16", "fp16")
@@ -105,7 +105,5 @@ def stage_stats(columns: PassColumns) -> list[TokenStats]:
     lp_target = columns.get("lp_target") or columns["lp_reference"]
     lp_reference = columns.get("lp_reference") or lp_target
     top1 = columns.get("target_top1") or [np.zeros(len(lp), dtype=bool) for lp in lp_target]
-    return [
-        TokenStats(np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(c, bool))
-        for a, b, c in zip(lp_target, lp_reference, top1, strict=True)
-    ]
+    mirrored = {"lp_target": lp_target, "lp_reference": lp_reference, "target_top1": top1}
+    return stats_from_columns(mirrored)
