@@ -154,10 +154,8 @@ def _ok_mask(table: pa.Table) -> np.ndarray:
     return ok & np.isfinite(_float_column(table, "ez_score"))
 
 
-def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     """Nested mappings as ``(dotted.key, text)`` pairs; secrets redacted."""
-    if not isinstance(data, Mapping):
-        return [(prefix, _plain(data))] if prefix else []
     rows: list[tuple[str, str]] = []
     for key, value in data.items():
         path = f"{prefix}.{key}" if prefix else str(key)
