@@ -181,16 +181,6 @@ def _plain(value: Any) -> str:
 # ---------------------------------------------------------------- sections as plain values
 
 
-def _statuses(summary: Summary) -> list[tuple[str, int, str, str]]:
-    """``(status, rows, share, meaning)`` of every EZ status counted."""
-    counts = summary.status_counts
-    total = sum(counts.values()) or 1
-    return [
-        (s, counts[s], _fmt(counts[s] / total, ".1%"), STATUS_NOTES.get(s, "Unrecognised status."))
-        for s in _ordered(counts, EZ_STATUSES)
-    ]
-
-
 def _metric_cell(m: MetricsBase, name: str) -> dict[str, str]:
     """One metric of one score: value, bootstrap interval, and for a TPR at a rate the
     non-members cannot resolve, "n/r" with the non-members it needs and its upper bound."""
@@ -422,7 +412,8 @@ def render_report(summary: Summary, scores: pa.Table) -> str:
         models=_flatten(summary.models.dump()),
         essentials=[(k, v) for k, v in config if ESSENTIAL_KEY.search(k)],
         config=config,
-        statuses=_statuses(summary),
+        statuses=_ordered(summary.status_counts, EZ_STATUSES),
+        notes=STATUS_NOTES,
         scores=[score for c, score in SCORES.items() if c in summary.metrics],
         metrics=_metrics(summary) if mode == "leakage" else None,
         labelled=labelled,
