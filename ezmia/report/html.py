@@ -181,35 +181,17 @@ def _plain(value: Any) -> str:
 # ---------------------------------------------------------------- sections as plain values
 
 
-def _metric_cell(m: MetricsBase, name: str) -> dict[str, str]:
-    """One metric of one score: value, bootstrap interval, and for a TPR at a rate the
-    non-members cannot resolve, "n/r" with the non-members it needs and its upper bound."""
-    unresolved = m.unresolved.get(name)
-    if unresolved:
-        return {
-            "text": "n/r",
-            "ci": "",
-            "note": f"needs {unresolved.needs_nonmembers} non-members; at most "
-            f"{_fmt(unresolved.upper_bound, '.1%')} (the TPR at "
-            f"{_fmt(unresolved.upper_bound_at_fpr, '.2%')} FPR)",
-        }
-    pct = name != "auc"
-    value = _fmt(getattr(m, name), ".1%" if pct else ".3f")
-    return {"text": value, "ci": _fmt_ci(getattr(m, f"{name}_ci95"), pct), "note": ""}
-
-
 def _metrics(summary: Summary) -> dict[str, Any]:
     """The attack-performance section: one row per score, operating points, skipped scores
     and the blind baseline."""
     metrics = summary.metrics
     order = _ordered(metrics, SCORES)
-    rows = [(_label(c), [_metric_cell(metrics[c], n) for n in METRICS], metrics[c].n)
-            for c in order]  # fmt: skip
     points = [(_label(c), f"{100 * FPR_POINTS[name]:g}%", at) for c in order
               for name, at in metrics[c].operating_points.items()]  # fmt: skip
     return {
+        "names": METRICS,
         "heads": [metric_label(name) for name in METRICS],
-        "rows": rows,
+        "rows": [(_label(c), metrics[c]) for c in order],
         "points": points,
         "skipped": [(_label(c), r) for c, r in summary.metrics_skipped.items()],
         "blind": summary.blind_baseline,
