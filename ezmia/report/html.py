@@ -182,8 +182,7 @@ def _plain(value: Any) -> str:
 
 
 def _metrics(summary: Summary) -> dict[str, Any]:
-    """The attack-performance section: one row per score, operating points, skipped scores
-    and the blind baseline."""
+    """The attack-performance section: a row per score, operating points, skipped scores."""
     metrics = summary.metrics
     order = _ordered(metrics, SCORES)
     points = [(_label(c), f"{100 * FPR_POINTS[name]:g}%", at) for c in order
@@ -194,7 +193,6 @@ def _metrics(summary: Summary) -> dict[str, Any]:
         "rows": [(_label(c), metrics[c]) for c in order],
         "points": points,
         "skipped": [(_label(c), r) for c, r in summary.metrics_skipped.items()],
-        "blind": summary.blind_baseline,
     }
 
 
