@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -11,7 +10,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,27 +102,12 @@ def build_key(
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def text_id(text: str) -> str:
-    """Stable id of a text that does not reveal its split."""
-    return "doc-" + hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _write_texts(path: Path, texts: Sequence[str], is_member: Sequence[bool] | None = None) -> None:
-    columns = {"id": pa.array([text_id(t) for t in texts], pa.string()), "text": pa.array(texts)}
+    ids = ["doc-" + hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts]  # split unseen
+    columns = {"id": pa.array(ids, pa.string()), "text": pa.array(texts)}
     if is_member is not None:
         columns["is_member"] = pa.array(is_member, pa.bool_())
     pq.write_table(pa.table(columns), path)
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Small models train 3-8x faster on one thread than on two busy cores (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def build_demo_artifacts(
@@ -139,8 +123,8 @@ def build_demo_artifacts(
     """Build the demo into ``cache_dir/<key>/``, or return it at once if already complete.
 
     ``corpus`` names the texts (``CORPORA``) split into pretraining data, members and
-    non-members. The build happens in a temporary sibling directory that is renamed into place after
-    ``_COMPLETE`` is written, so an interrupted build is never reused.
+    non-members. The build happens in a temporary sibling directory that is renamed into place
+    after ``_COMPLETE`` is written, so an interrupted build is never reused.
     """
     cache_dir = Path(cache_dir).resolve()
     if corpus not in CORPORA:
@@ -152,9 +136,10 @@ def build_demo_artifacts(
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = DemoArtifacts.at(Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models train 3-8x faster on one thread than on two busy cores
     try:
-        with _one_thread():
-            _build(tmp, sizes, n_pretrain, n_members, n_nonmembers, seed, corpus, log)
+        _build(tmp, sizes, n_pretrain, n_members, n_nonmembers, seed, corpus, log)
         set_adapter_base(tmp.lora, final.base)
         (tmp.root / COMPLETE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S%z\n"))
         tmp.root.chmod(0o755)  # mkdtemp made it private
@@ -167,6 +152,7 @@ def build_demo_artifacts(
                 raise
             log(f"demo: a concurrent build finished first; using {final.root}")
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(tmp.root, ignore_errors=True)
     log(f"demo: ready at {final.root}")
     return final
