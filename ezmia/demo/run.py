@@ -6,9 +6,6 @@ texts, 1000 members, 1000 non-members), audits both targets and prints the table
 headline at the lowest false-positive rate the non-members resolve. With
 ``--data-uri s3://...`` and a Ray cluster (``RAY_ADDRESS``), the models and data are staged
 in S3 and the audits run as a ``ray job submit`` of ``jobs/audit.py``, as in production.
-The job gets its S3 credentials from the cluster's own chain (the nodes' environment, an
-instance or pod role), never from the submitting shell: a runtime environment is visible to
-anyone who can run ``ray job list``.
 """
 
 from __future__ import annotations
@@ -34,7 +31,9 @@ from ezmia.stats.scores import SCORES
 REPO = Path(__file__).resolve().parents[2]
 JOB_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
            "EZMIA_CACHE")  # fmt: skip
-"""The only variables a demo job takes from the submitting shell: none is a secret."""
+"""The only variables a demo job takes from the submitting shell: none is a secret. The job
+gets its S3 credentials from the cluster's own chain (the nodes' environment, an instance or
+pod role): a runtime environment is visible to anyone who can run ``ray job list``."""
 
 
 def batch_spec(artifacts: dict[str, str], out: str, engine: str) -> dict:
@@ -59,13 +58,7 @@ def batch_spec(artifacts: dict[str, str], out: str, engine: str) -> dict:
 
 def stage(built: DemoArtifacts, data_uri: str) -> dict[str, str]:
     """Copy models and data under ``data_uri`` (skipped for local runs)."""
-    local = {
-        "base": built.base,
-        "full": built.full,
-        "lora": built.lora,
-        "members": built.members,
-        "nonmembers": built.nonmembers,
-    }
+    local = {n: getattr(built, n) for n in ("base", "full", "lora", "members", "nonmembers")}
     if not storage.is_s3(data_uri):
         return {name: str(path) for name, path in local.items()}
     staged = {}
@@ -73,20 +66,10 @@ def stage(built: DemoArtifacts, data_uri: str) -> dict[str, str]:
         uri = storage.join(data_uri, built.root.name, path.name)
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for file in files:
-            rel = file.name if path.is_file() else str(file.relative_to(path))
-            target = uri if path.is_file() else storage.join(uri, rel)
+            target = uri if file == path else storage.join(uri, str(file.relative_to(path)))
             storage.write_bytes(target, file.read_bytes())
         staged[name] = uri
     return staged
-
-
-def job_runtime_env() -> dict:
-    """The demo job's runtime environment: the code and the ``JOB_ENV`` settings set here."""
-    return {
-        "working_dir": str(REPO),
-        "env_vars": {k: os.environ[k] for k in JOB_ENV if k in os.environ},
-        "excludes": [".venv", ".cache", ".git", "demo-out", "*.parquet"],
-    }
 
 
 def submit(config_uri: str, timeout_s: float = 1200) -> str:
@@ -97,7 +80,11 @@ def submit(config_uri: str, timeout_s: float = 1200) -> str:
     client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
     job = client.submit_job(
         entrypoint=f"{sys.executable} jobs/audit.py --config {config_uri}",
-        runtime_env=job_runtime_env(),
+        runtime_env={
+            "working_dir": str(REPO),
+            "env_vars": {k: os.environ[k] for k in JOB_ENV if k in os.environ},
+            "excludes": [".venv", ".cache", ".git", "demo-out", "*.parquet"],
+        },
     )
     print(f"submitted Ray job {job}")
     deadline = time.time() + timeout_s
@@ -187,13 +174,14 @@ def headline(summaries: dict[str, SummaryData]) -> str:
 
 
 def run_demo(out: str, data_uri: str | None) -> int:
+    """Build, audit and print the demo; 1 when the batch of audits failed."""
     started = time.time()
     built = build_demo_artifacts(
         cache_root() / "demo", DEMO_SIZES, **DEMO_COUNTS, log=print, corpus=DEMO_CORPUS
     )
     print(f"models ready in {time.time() - started:.0f} s: {built.root}")
     use_job = bool(data_uri and os.environ.get("RAY_ADDRESS"))
-    artifacts = stage(built, data_uri) if data_uri else stage(built, str(built.root))
+    artifacts = stage(built, data_uri or str(built.root))
     spec = batch_spec(artifacts, out, engine="ray" if use_job else "local")
     spec["date"] = date = today()  # the batch's report folders: date=YYYY-MM-DD
     config_uri = storage.join(data_uri or tempfile.mkdtemp(), "demo-audits.yaml")
@@ -209,19 +197,13 @@ def run_demo(out: str, data_uri: str | None) -> int:
     summaries = {}
     for audit in spec["audits"]:
         location = report_location(out, audit["name"], date)
-        summaries[audit["name"]] = Summary.model_validate(
-            json.loads(storage.read_bytes(storage.join(location, outputs.SUMMARY)))
-        )
-    print()
-    print(table(summaries))
-    print()
-    print(headline(summaries))
-    print()
-    local_dir = Path("demo-out")
+        summary = storage.read_bytes(storage.join(location, outputs.SUMMARY))
+        summaries[audit["name"]] = Summary.model_validate(json.loads(summary))
+    print(f"\n{table(summaries)}\n\n{headline(summaries)}\n")
+    Path("demo-out").mkdir(exist_ok=True)
     for name in summaries:
         report = storage.join(report_location(out, name, date), outputs.REPORT)
-        copy = local_dir / f"{name}.html"
-        copy.parent.mkdir(exist_ok=True)
+        copy = Path("demo-out", f"{name}.html")
         copy.write_bytes(storage.read_bytes(report))
         print(f"{name}: {report} (copy: {copy})")
     print(f"demo finished in {time.time() - started:.0f} s")
