@@ -207,7 +207,5 @@ def score_sequence(stats: TokenStats, n_tokens: int, zlib_size: int) -> dict[str
     with np.errstate(all="ignore"):  # non-finite log-probs give NaN/inf baselines, no warning
         for score in SCORES.values():
             if score.fn is not None:
-                row[score.column] = (
-                    score.fn(stats, zlib_size) if stats.n_positions > 0 else float("nan")
-                )
+                row[score.column] = score.fn(stats, zlib_size) if stats.n_positions > 0 else np.nan
     return row
