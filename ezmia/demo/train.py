@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
+from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -63,7 +64,11 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, out_dir: Path) -> Pat
         texts, vocab_size, min_frequency=0, show_progress=False, special_tokens=[EOS]
     )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
+        tokenizer_object=Tokenizer.from_str(bpe.to_str()),
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
     )
     out_dir = Path(out_dir)
     tok.save_pretrained(out_dir)  # never used to encode: no truncation/padding state baked in
