@@ -17,7 +17,7 @@ import typing
 from pydantic import BaseModel
 
 from ezmia.config import AuditConfig, load_yaml, option_group, parse_model
-from ezmia.errors import EzmiaError, Interrupted
+from ezmia.errors import EzmiaError, Interrupted, one_line
 
 
 def _add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix="") -> None:
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    print(f"ezmia: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+    print(f"ezmia: error: {one_line(message)}", file=sys.stderr)  # one line, always
     return 2
 
 

@@ -23,3 +23,9 @@ class Interrupted(KeyboardInterrupt):
     the exit code it was given, once a plain ``KeyboardInterrupt`` escaped an ``exec`` or
     ``eval`` of a string (dataclasses and named tuples are built that way), even when the
     interrupt was handled."""
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """``str(text)`` on one line (each run of whitespace, newlines included, one space), cut
+    to ``limit`` characters."""
+    return " ".join(str(text).split())[:limit]

@@ -23,7 +23,7 @@ from ezmia.backends import device_count, parse_device
 from ezmia.config import AuditConfig, RayOptions
 from ezmia.data import storage
 from ezmia.engines.scoring import model_stages
-from ezmia.errors import EzmiaError, InputError
+from ezmia.errors import EzmiaError, InputError, one_line
 from ezmia.plan.planner import job_server_address
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def connect(config: AuditConfig) -> dict[str, float]:
             _keep_sigterm_handler(sigterm)
             _reenter(cwd)
         except Exception as err:  # Ray raises ConnectionError, ValueError, RuntimeError...
-            reason = " ".join(str(err).split())[:300]
+            reason = one_line(err, 300)
             raise InputError(
                 f"{flag}: cannot join the Ray cluster ({reason}); check the address "
                 "and that the cluster is up"
@@ -321,7 +321,7 @@ def cluster_error(err: Exception) -> EzmiaError:
         if isinstance(kind, type) and issubclass(kind, EzmiaError):
             rest = lines[i + 1 :]
             rest = rest[: rest.index("")] if "" in rest else rest  # a chained error follows
-            return kind(" ".join(" ".join([match["message"], *rest]).split()))
+            return kind(one_line(" ".join([match["message"], *rest])))
     own = [m for _, m in raised if not m["name"].startswith("ray.")]  # not Ray's wrappers
     if raised:
         match = (own or [m for _, m in raised])[-1]

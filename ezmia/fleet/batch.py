@@ -31,7 +31,7 @@ from ezmia.audit import audit
 from ezmia.config import AuditConfig, Strict, load_yaml, parse_model
 from ezmia.data import outputs, storage
 from ezmia.engines.cluster import actors_per_node, connect, stage_gpus
-from ezmia.errors import EzmiaError, InputError, Interrupted
+from ezmia.errors import EzmiaError, InputError, Interrupted, one_line
 from ezmia.fleet import index
 from ezmia.plan.planner import use_ray
 
@@ -152,7 +152,7 @@ def run_one(config: AuditConfig, root: str, date: str) -> Outcome:
     try:
         result = audit(config)
     except EzmiaError as err:
-        return Outcome(name, error=" ".join(str(err).split()))
+        return Outcome(name, error=one_line(err))
     except Exception as err:  # a bug or a library failure: the other audits go on
         log.error("audit %s failed", name, exc_info=err)
         return Outcome(name, error=_describe(err))
@@ -172,7 +172,7 @@ def _describe(err: Exception) -> str:
     """One line for an error no ezmia module turned into an ``EzmiaError``."""
     reason = storage.describe_s3_error(err)
     text = f"S3: {reason}" if reason else f"{type(err).__name__}: {err}"
-    return " ".join(text.split())
+    return one_line(text)
 
 
 def run_side_by_side(jobs: list[Callable[[], Outcome]], limit: int) -> list[Outcome]:

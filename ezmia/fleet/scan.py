@@ -28,7 +28,7 @@ from ezmia.config import AuditConfig, parse_model
 from ezmia.data import outputs, storage
 from ezmia.data.locks import LockHeld, Locks
 from ezmia.data.schema import LEDGER_SCHEMA, LEDGER_STATUSES, SCHEMA_VERSION
-from ezmia.errors import EzmiaError, InputError
+from ezmia.errors import EzmiaError, InputError, one_line
 from ezmia.fleet.index import dataset_label, index_row, report_location, today, write_index
 from ezmia.fleet.ledger import Ledger
 from ezmia.fleet.policy import Policy, Thresholds, judge, load_policy, read_options
@@ -154,7 +154,7 @@ def lock_key(ckpt: Checkpoint) -> str:
 
 def describe(err: Exception) -> str:
     """An error as one line; ezmia's own errors need no type name."""
-    text = " ".join(str(err).split())
+    text = one_line(err)
     return text if isinstance(err, EzmiaError) else f"{type(err).__name__}: {text}"
 
 

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ezmia.errors import EzmiaError, InputError, ModelError
+from ezmia.errors import EzmiaError, InputError, ModelError, one_line
 from ezmia.plan.checks import (
     TOKENIZER_EXTRA_FILES,
     TOKENIZER_FILES,
@@ -189,7 +189,7 @@ def attach_adapter(base_model, adapter_dir: Path):
     try:
         return PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
     except (RuntimeError, ValueError, KeyError) as err:
-        reason = " ".join(str(err).split())[:300]
+        reason = one_line(err, 300)
         raise ModelError(
             f"{adapter_dir}: the adapter does not fit the reference model ({reason}); pass the "
             "base model it was trained on as --reference"

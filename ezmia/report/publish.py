@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from ezmia.config import AuditConfig, parse_model
 from ezmia.data import outputs, storage
-from ezmia.errors import EzmiaError, OutputError
+from ezmia.errors import EzmiaError, OutputError, one_line
 from ezmia.report.html import render_report
 from ezmia.report.model import Summary, SummaryData
 from ezmia.report.summary import build_summary
@@ -104,7 +104,7 @@ def _read_summary(uri: str) -> dict:
     except FileNotFoundError as err:
         raise OutputError(f"{uri}: missing, so this audit output is incomplete; {RERUN}") from err
     except (OSError, ValueError) as err:  # ValueError: invalid JSON or UTF-8
-        reason = " ".join(str(err).split())[:200]
+        reason = one_line(err, 200)
         raise OutputError(f"{uri}: not a readable summary ({reason}); {RERUN}") from err
     if not isinstance(summary, dict):
         raise OutputError(f"{uri}: not a summary (expected a JSON object); {RERUN}")
@@ -147,7 +147,7 @@ def _read_scores(out: str, needed: list[str]) -> pa.Table:
         try:
             table = pq.read_table(io.BytesIO(storage.read_bytes(file)))
         except (pa.ArrowException, OSError) as err:
-            reason = " ".join(str(err).split())[:200]
+            reason = one_line(err, 200)
             raise OutputError(f"{file}: not a readable scores part ({reason}); {RERUN}") from err
         missing = [c for c in needed if c not in table.column_names]
         if missing:
@@ -156,7 +156,7 @@ def _read_scores(out: str, needed: list[str]) -> pa.Table:
     try:
         scores = pa.concat_tables(tables, promote_options="permissive")
     except pa.ArrowException as err:
-        reason = " ".join(str(err).split())[:200]
+        reason = one_line(err, 200)
         raise OutputError(
             f"{folder}: the scores parts do not fit together ({reason}); {RERUN}"
         ) from err
