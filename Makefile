@@ -30,6 +30,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/run.py
 	$(PY) -m benchmarks.whole_process
+	$(PY) -m benchmarks.whole_process --min-chars 1500 --out benchmarks/whole_process_long.json
 
 bench-scale: install
 	$(PY) benchmarks/ray_overhead.py

@@ -14,6 +14,7 @@ the size real fine-tunes show, and EZ scores that separate members from non-memb
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import dataclass
@@ -131,10 +132,17 @@ def shuffled_docstrings(seed: int = 0) -> list[str]:
     return docs
 
 
-def texts(n: int, seed: int = 0) -> list[str]:
-    """The first ``n`` of ``shuffled_docstrings`` (repeated when ``n`` exceeds the corpus)."""
-    docs = shuffled_docstrings(seed)
-    return [docs[i % len(docs)] for i in range(n)]
+def texts(n: int, seed: int = 0, min_chars: int = 0) -> list[str]:
+    """The first ``n`` of ``shuffled_docstrings`` (repeated when ``n`` exceeds the corpus); with
+    ``min_chars``, each text joins the next docstrings until it is at least that long."""
+    docs = itertools.cycle(shuffled_docstrings(seed))
+    out = []
+    for _ in range(n):
+        text = next(docs)
+        while len(text) < min_chars:
+            text += "\n\n" + next(docs)
+        out.append(text)
+    return out
 
 
 def tokenizer_dir(workdir: Path, vocab_size: int) -> Path:

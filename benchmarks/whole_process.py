@@ -6,6 +6,7 @@ alternate, ``--repeats`` rounds, each one's fastest kept; written to
 ``benchmarks/whole_process.json``.
 
     python -m benchmarks.whole_process [--model gpt2-small] [--sequences 48] [--repeats 3]
+                                      [--min-chars 0] [--out whole_process.json]
     python -m benchmarks.whole_process baseline TARGET BASE MEMBERS NONMEMBERS MAX_LENGTH
 """
 
@@ -59,7 +60,7 @@ def measure(args: argparse.Namespace) -> dict:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ezmia-whole-"))
     fixture = fixtures.build(args.model, workdir, "cpu", torch.float32)
-    texts = fixtures.texts(args.sequences)
+    texts = fixtures.texts(args.sequences, min_chars=args.min_chars)
     half = len(texts) // 2
     files = {}
     for name, part in (("members", texts[:half]), ("nonmembers", texts[half:])):
@@ -87,6 +88,7 @@ def measure(args: argparse.Namespace) -> dict:
         "model": args.model,
         "sequences": args.sequences,
         "max_length": args.max_length,
+        "min_chars": args.min_chars,
         "seconds": seconds,
         "best_s": best,
         "speedup": best["baseline"] / best["ezmia"],
@@ -104,6 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sequences", type=int, default=48)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--min-chars", type=int, default=0, help="texts of at least this many characters"
+    )
     parser.add_argument("--workdir", help="fixture cache (default: a new temp dir)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "whole_process.json")
     args = parser.parse_args(argv)
