@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ezmia.backends.base import Role, ScoringBackend, stats_from_columns
+from ezmia.backends.base import ROLE_COLUMNS, Role, ScoringBackend, stats_from_columns
 from ezmia.config import AuditConfig
 from ezmia.data.datasets import ROW_INDEX
 from ezmia.data.schema import scores_schema
@@ -36,13 +36,10 @@ from ezmia.stats.metrics import detection_threshold
 from ezmia.stats.scores import score_sequence
 
 PASS_TYPES = {
-    "lp_target": pa.list_(pa.float64()),
-    "target_top1": pa.list_(pa.bool_()),
-    "mu": pa.list_(pa.float64()),
-    "sigma": pa.list_(pa.float64()),
-    "lp_reference": pa.list_(pa.float64()),
+    name: pa.list_(pa.bool_() if name == "target_top1" else pa.float64())
+    for name in ROLE_COLUMNS["both"]
 }
-"""The per-position columns model stages add (dropped by the score stage)."""
+"""The per-position columns model stages add (``ROLE_COLUMNS``; dropped by the score stage)."""
 
 log = logging.getLogger(__name__)
 
