@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from ezmia.data.storage import Encryption
-from ezmia.errors import InputError
+from ezmia.errors import InputError, first_line
 from ezmia.stats.epsilon import DELTA
 
 
@@ -285,8 +285,7 @@ def load_yaml(path: str) -> dict:
     except FileNotFoundError as err:
         raise InputError(f"{path}: config file not found") from err
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise InputError(f"{path}: unreadable config ({reason})") from err
+        raise InputError(f"{path}: unreadable config ({first_line(err)})") from err
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a YAML mapping at the top level")
     return data

@@ -29,3 +29,8 @@ def one_line(text: object, limit: int | None = None) -> str:
     """``str(text)`` on one line (each run of whitespace, newlines included, one space), cut
     to ``limit`` characters."""
     return " ".join(str(text).split())[:limit]
+
+
+def first_line(err: BaseException, limit: int | None = None) -> str:
+    """An error's first line (its type's name when it has no message), cut to ``limit``."""
+    return (str(err).splitlines() or [type(err).__name__])[0][:limit]

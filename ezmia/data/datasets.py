@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ezmia.data import storage
-from ezmia.errors import InputError
+from ezmia.errors import InputError, first_line
 
 ROW_INDEX = "__row_index"
 FILE_ROW = "__file_row"
@@ -120,10 +120,6 @@ def dataset_files(uri: str) -> tuple[list[str], bool]:
     return parquet, False
 
 
-def _reason(err: Exception) -> str:
-    return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-
-
 @contextlib.contextmanager
 def _reading(uri: str) -> Iterator[None]:
     """Turn a missing or unreadable Parquet file into an ``InputError`` naming it."""
@@ -136,7 +132,7 @@ def _reading(uri: str) -> Iterator[None]:
             if storage.describe_s3_error(err) is not None:
                 raise
             raise InputError(
-                f"{uri}: not a readable Parquet file ({_reason(err)}); re-export it"
+                f"{uri}: not a readable Parquet file ({first_line(err, 300)}); re-export it"
             ) from err
 
 
@@ -306,8 +302,8 @@ def read_fragment(fragment: Fragment, columns: Columns, with_text: bool = True) 
             table = file.read_row_group(fragment.row_group, columns=names)
     except (OSError, pa.ArrowException) as err:
         raise InputError(
-            f"{fragment.uri}: row group {fragment.row_group} is unreadable ({_reason(err)}); "
-            "the file is corrupt, re-export it"
+            f"{fragment.uri}: row group {fragment.row_group} is unreadable "
+            f"({first_line(err, 300)}); the file is corrupt, re-export it"
         ) from err
     if columns.id and fragment.id_type:
         id_type = pa.type_for_alias(fragment.id_type)

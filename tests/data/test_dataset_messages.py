@@ -409,11 +409,12 @@ def test_a_bucket_object_on_both_sides_is_refused():
 
 
 def test_reasons_are_one_short_line():
-    from ezmia.data.datasets import _reason
+    from ezmia.errors import first_line
 
-    assert _reason(OSError()) == "OSError"
-    assert _reason(ValueError("first line\nsecond")) == "first line"
-    assert _reason(ValueError("x" * 400)) == "x" * 300
+    assert first_line(OSError(), 300) == "OSError"
+    assert first_line(ValueError("first line\nsecond"), 300) == "first line"
+    assert first_line(ValueError("x" * 400), 300) == "x" * 300
+    assert first_line(ValueError("x" * 400)) == "x" * 400
 
 
 def test_labels_without_file_rows_name_the_position_and_fixed_labels_pass_through():
