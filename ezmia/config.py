@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 
-from ezmia.data.storage import Encryption
+from ezmia.data.storage import Encryption, read_bytes
 from ezmia.errors import InputError, first_line
 from ezmia.stats.epsilon import DELTA
 
@@ -278,10 +278,8 @@ def _fields_at(model: type[BaseModel], path: list[str]) -> dict:
 
 def load_yaml(path: str) -> dict:
     """A YAML mapping from a local file or S3 object, with a clear error if unreadable."""
-    from ezmia.data import storage
-
     try:
-        data = yaml.safe_load(storage.read_bytes(path))
+        data = yaml.safe_load(read_bytes(path))
     except FileNotFoundError as err:
         raise InputError(f"{path}: config file not found") from err
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
