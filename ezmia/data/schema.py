@@ -97,9 +97,7 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("report_uri", pa.string()),
         pa.field("verdict", pa.string()),
         pa.field("leakage", pa.string()),
-        pa.field("ez_auc", pa.float64()),
-        pa.field("ez_tpr_at_1pct_fpr", pa.float64()),
-        pa.field("ez_tpr_at_0_1pct_fpr", pa.float64()),
+        *(pa.field(f"ez_{metric}", pa.float64()) for metric in METRICS),  # EZ's point metrics
         pa.field("duration_s", pa.float64()),
         pa.field("schema_version", pa.int32()),
     ],
