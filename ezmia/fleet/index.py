@@ -18,7 +18,7 @@ from ezmia.config import AuditConfig
 from ezmia.data import outputs, storage
 from ezmia.data.schema import SCHEMA_VERSION, index_schema
 from ezmia.stats.metrics import METRICS
-from ezmia.stats.scores import SCORES
+from ezmia.stats.scores import EZ_OK, SCORES
 
 
 def today() -> str:
@@ -54,7 +54,7 @@ def index_row(result: AuditResult, dataset: str) -> dict:
         "dataset": dataset,
         "mode": summary.mode,
         "n": summary.n_rows,
-        "n_ok": summary.status_counts.get("ok", 0),
+        "n_ok": summary.status_counts.get(EZ_OK, 0),
         "backend": summary.backend.name,
         "verdict": summary.verdict.level,
         "verdict_score": summary.verdict.score,
