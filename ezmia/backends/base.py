@@ -68,6 +68,13 @@ class ScoringBackend(Protocol):
         than 2 tokens gives ``TokenStats.empty()``."""
         return stats_from_columns(self.pass_columns(sequences))
 
+    def empty_columns(self, count: int) -> PassColumns:
+        """The ``role``'s columns, each with ``count`` empty arrays (no predicted position);
+        ``mu``/``sigma`` only where the backend provides the distribution."""
+        names = ROLE_COLUMNS[self.role]
+        kept = [n for n in names if self.provides_distribution or n not in ("mu", "sigma")]
+        return {n: [np.zeros(0, bool if n == "target_top1" else np.float64)] * count for n in kept}
+
     def close(self) -> None:
         """Release the models (and accelerator memory)."""
         ...

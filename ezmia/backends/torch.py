@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ezmia.backends import check_device
-from ezmia.backends.base import ROLE_COLUMNS, PassColumns, Role, ScoringBackend
+from ezmia.backends.base import PassColumns, Role, ScoringBackend
 from ezmia.plan.models import ModelPlan, attach_adapter, load_causal_lm
 
 # Configs whose logits are transformed after the head: score them from full logits.
@@ -307,11 +307,7 @@ class TorchBackend(ScoringBackend):
 
     @torch.inference_mode()
     def pass_columns(self, sequences: Sequence[Sequence[int]]) -> PassColumns:
-        empty = {"target_top1": np.zeros(0, dtype=bool)}
-        columns: PassColumns = {
-            name: [empty.get(name, np.zeros(0))] * len(sequences)
-            for name in ROLE_COLUMNS[self.role]
-        }
+        columns = self.empty_columns(len(sequences))
         scored = [i for i, s in enumerate(sequences) if len(s) >= 2]
         lengths = [len(sequences[i]) for i in scored]
         for rows in length_batches(lengths, self.batch_size, self._pass_overhead):

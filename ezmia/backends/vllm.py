@@ -35,7 +35,7 @@ from typing import Any, get_args
 import numpy as np
 
 from ezmia.backends import scored_length
-from ezmia.backends.base import ROLE_COLUMNS, PassColumns, Role, ScoringBackend
+from ezmia.backends.base import PassColumns, Role, ScoringBackend
 from ezmia.config import AuditConfig
 from ezmia.errors import InputError
 from ezmia.plan.checks import vocab_sizes
@@ -232,12 +232,7 @@ class VllmBackend(ScoringBackend):
             _shutdown(llm)
 
     def pass_columns(self, sequences: Sequence[Sequence[int]]) -> PassColumns:
-        empty = {"target_top1": np.zeros(0, dtype=bool)}
-        columns: PassColumns = {
-            name: [empty.get(name, np.zeros(0))] * len(sequences)
-            for name in ROLE_COLUMNS[self.role]
-            if name not in ("mu", "sigma")  # no distribution
-        }
+        columns = self.empty_columns(len(sequences))
         scored = [i for i, s in enumerate(sequences) if len(s) >= 2]
         if not scored:
             return columns
