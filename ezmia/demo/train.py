@@ -17,9 +17,9 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from ezmia.data.text import load_tokenizer
+from ezmia.plan.checks import TOKENIZER_EXTRA_FILES, TOKENIZER_FILES
 
 EOS = "<|endoftext|>"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def save_checkpoint(model: torch.nn.Module, tokenizer_dir: Path, out_dir: Path) 
     """``save_pretrained`` (safetensors) plus the tokenizer files, copied verbatim."""
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + TOKENIZER_EXTRA_FILES:
         if (Path(tokenizer_dir) / name).exists():
             shutil.copy2(Path(tokenizer_dir) / name, out_dir / name)
     return out_dir
