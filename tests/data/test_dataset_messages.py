@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from ezmia.data import storage
 from ezmia.data.datasets import (
     FILE_ROW,
     FRAGMENT,
@@ -415,6 +416,23 @@ def test_reasons_are_one_short_line():
     assert first_line(ValueError("first line\nsecond"), 300) == "first line"
     assert first_line(ValueError("x" * 400), 300) == "x" * 300
     assert first_line(ValueError("x" * 400)) == "x" * 400
+
+
+def test_unreadable_file_reasons_are_cut_to_300_characters(tmp_path, monkeypatch):
+    path = write(tmp_path / "a.parquet", 4)
+    fragment = plan_fragments([str(path)], LABELLED)[0]
+
+    def fail(*args, **kwargs):
+        raise OSError("x" * 400)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", fail)
+    assert refusal(read_fragment, fragment, LABELLED) == (
+        f"{path}: row group 0 is unreadable ({'x' * 300}); the file is corrupt, re-export it"
+    )
+    monkeypatch.setattr(storage, "arrow_filesystem", fail)
+    assert refusal(plan_fragments, [str(path)], LABELLED) == (
+        f"{path}: not a readable Parquet file ({'x' * 300}); re-export it"
+    )
 
 
 def test_labels_without_file_rows_name_the_position_and_fixed_labels_pass_through():
