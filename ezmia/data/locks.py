@@ -141,7 +141,7 @@ class S3Locks:
         except client.exceptions.ClientError as err:
             if _lost_race(err):
                 return False
-            if _code(err) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+            if storage.s3_code(err) not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
                 raise
             found = self.find(uri)  # a store without conditional deletes: check, then delete
             if found is None or found.tag != tag:
@@ -162,14 +162,10 @@ class S3Locks:
         return put["ETag"]
 
 
-def _code(err: Exception) -> str:
-    return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
-
-
 def _lost_race(err: Exception) -> bool:
     """412 (condition failed), 409 (concurrent conditional write) or 404 (already gone)."""
-    return _code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404",
-                          "412")  # fmt: skip
+    return storage.s3_code(err) in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey",
+                                    "404", "412")  # fmt: skip
 
 
 def _parse(raw: bytes) -> dict:

@@ -60,7 +60,7 @@ def describe_s3_error(err: BaseException) -> str | None:
 
     text = str(err)
     if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code", ""))
+        code = s3_code(err)
     elif isinstance(err, (BotoCoreError, Boto3Error)):
         code = type(err).__name__
     elif isinstance(err, OSError) and "AWS Error" in text:
@@ -83,6 +83,11 @@ def describe_s3_error(err: BaseException) -> str | None:
 
 def _matches(code: str, text: str, known: tuple[str, ...]) -> bool:
     return code in known or any(k in text for k in known if len(k) > 3)
+
+
+def s3_code(err: Exception) -> str:
+    """The error code of a boto3 ``ClientError`` (empty for any other error)."""
+    return str(getattr(err, "response", {}).get("Error", {}).get("Code", ""))
 
 
 @contextlib.contextmanager
@@ -172,14 +177,12 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
 def exists(uri: str) -> bool:
     if not is_s3(uri):
         return Path(uri).exists()
-    from botocore.exceptions import ClientError
-
     bucket, key = split_s3(uri)
     with s3_errors(uri, "check whether it exists"):
         try:
             s3_client().head_object(Bucket=bucket, Key=key)
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        except s3_client().exceptions.ClientError as err:
+            if s3_code(err) in ("404", "NoSuchKey", "NotFound"):
                 return False
             raise
     return True
