@@ -50,7 +50,7 @@ class ScoringBackend(Protocol):
 
     ``name`` is recorded in the summary; ``provides_distribution`` is True when ``mu`` and
     ``sigma`` (Min-K%++) are filled; ``vocab_size`` bounds the token ids it accepts (None:
-    unknown). A backend that subclasses it inherits ``token_stats``.
+    unknown). A backend that subclasses it inherits ``token_stats`` and ``empty_columns``.
     """
 
     name: str
