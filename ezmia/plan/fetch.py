@@ -210,8 +210,10 @@ def _verify_download(client, bucket: str, key: str, dest: Path, etag: str, size:
     etag = etag.strip('"')
     if not re.fullmatch(r"[0-9a-f]{32}", etag):
         return  # multipart uploads: the ETag is not an MD5 of the content
+    digest = hashlib.md5(usedforsecurity=False)
     with dest.open("rb") as handle:
-        digest = hashlib.file_digest(handle, lambda: hashlib.md5(usedforsecurity=False))
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
     if digest.hexdigest() == etag:
         return
     with storage.s3_errors(uri, "check the encryption of", ModelError):

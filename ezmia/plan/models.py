@@ -71,8 +71,10 @@ def _file_hash(file: Path, cache: Path) -> bytes:
     entry = cache / hashlib.sha256(key.encode()).hexdigest()[:32]
     with contextlib.suppress(OSError, ValueError):
         return bytes.fromhex(entry.read_text())
+    digest = hashlib.sha256()
     with file.open("rb") as handle:
-        digest = hashlib.file_digest(handle, "sha256")
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
     with contextlib.suppress(OSError):  # a read-only cache only costs the hash next time
         cache.mkdir(parents=True, exist_ok=True)
         fd, staging = tempfile.mkstemp(prefix=f".{entry.name}.", dir=cache)  # a new file
