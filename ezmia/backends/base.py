@@ -21,6 +21,11 @@ ROLE_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 """The per-position columns each role emits (``mu``/``sigma`` only with the distribution)."""
 
+PASS_DTYPES = {
+    name: np.dtype(bool if name == "target_top1" else np.float64) for name in ROLE_COLUMNS["both"]
+}
+"""Each per-position column's element type: the top-1 hit is a flag, the others log-probs."""
+
 PassColumns = dict[str, list[np.ndarray]]
 """Per-position arrays of each sequence, by column name (``ROLE_COLUMNS``)."""
 
@@ -73,7 +78,7 @@ class ScoringBackend(Protocol):
         ``mu``/``sigma`` only where the backend provides the distribution."""
         names = ROLE_COLUMNS[self.role]
         kept = [n for n in names if self.provides_distribution or n not in ("mu", "sigma")]
-        return {n: [np.zeros(0, bool if n == "target_top1" else np.float64)] * count for n in kept}
+        return {n: [np.zeros(0, PASS_DTYPES[n])] * count for n in kept}
 
     def close(self) -> None:
         """Release the models (and accelerator memory)."""

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ezmia.backends.base import ROLE_COLUMNS, Role, ScoringBackend, stats_from_columns
+from ezmia.backends.base import PASS_DTYPES, Role, ScoringBackend, stats_from_columns
 from ezmia.config import AuditConfig
 from ezmia.data.datasets import ROW_INDEX
 from ezmia.data.schema import scores_schema
@@ -35,11 +35,8 @@ from ezmia.plan.models import ModelPlan
 from ezmia.stats.metrics import detection_threshold
 from ezmia.stats.scores import score_sequence
 
-PASS_TYPES = {
-    name: pa.list_(pa.bool_() if name == "target_top1" else pa.float64())
-    for name in ROLE_COLUMNS["both"]
-}
-"""The per-position columns model stages add (``ROLE_COLUMNS``; dropped by the score stage)."""
+PASS_TYPES = {name: pa.list_(pa.from_numpy_dtype(dtype)) for name, dtype in PASS_DTYPES.items()}
+"""The per-position columns model stages add (``PASS_DTYPES``; dropped by the score stage)."""
 
 log = logging.getLogger(__name__)
 
