@@ -218,11 +218,15 @@ def merged_adapter_dir(plan: ModelPlan, cache_dir: str | Path | None = None) -> 
     # a new folder, never one already there (a link planted there would be written through)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=out.parent))
     staging.chmod(0o755)  # as an entry made by mkdir: readable by the cache's other users
-    merged.save_pretrained(staging, safe_serialization=True)
-    for name in TOKENIZER_FILES + TOKENIZER_EXTRA_FILES:
-        if (plan.tokenizer / name).exists():
-            shutil.copy(plan.tokenizer / name, staging / name)
-    (staging / COMPLETE).write_text(key)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        for name in TOKENIZER_FILES + TOKENIZER_EXTRA_FILES:
+            if (plan.tokenizer / name).exists():
+                shutil.copy(plan.tokenizer / name, staging / name)
+        (staging / COMPLETE).write_text(key)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed merge leaves no copy in the cache
+        raise
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out

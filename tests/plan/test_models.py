@@ -3,6 +3,7 @@ file is hashed once per path, size and modification time."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -86,6 +87,19 @@ def test_identical_tokenizer_files_pair_without_loading_and_rewritten_ones_are_c
     tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
     plan_models(str(models.full), str(reference), cache_dir=tmp_path / "cache")
     assert text._loaded_tokenizer.cache_info().currsize == 2
+
+
+def test_a_merge_that_fails_leaves_nothing_in_the_cache(models, tmp_path):
+    """The merged copy is staged in a folder of its own; when saving it fails (here a tokenizer
+    file that is a folder and cannot be copied), that folder goes too."""
+    from ezmia.plan.models import merged_adapter_dir
+
+    plan = plan_models(str(models.lora), None, cache_dir=tmp_path / "cache")
+    broken = tmp_path / "tokenizer"
+    (broken / "tokenizer.json").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        merged_adapter_dir(dataclasses.replace(plan, tokenizer=broken), tmp_path / "cache")
+    assert list((tmp_path / "cache" / "merged").iterdir()) == []
 
 
 def test_links_planted_in_the_model_cache_are_never_written_through(models, s3, bucket, tmp_path):
