@@ -129,44 +129,53 @@ def _download_s3_model(uri: str, cache: Path, weights: bool = True, headers: boo
     with _cache_lock(cache / f".{key}.lock"):
         if _cached(target, files, headers):
             return target  # another process fetched it while this one waited
-        # a new folder, never one already there (a link planted there would be written through)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=cache))
-        staging.chmod(0o755)  # as an entry made by mkdir: readable by the cache's other users
-        _fetch(client, uri, bucket, prefix, files, staging)
-        if headers:
-            (staging / HEADER_LISTING).write_text(json.dumps([list(f) for f in listing]))
-            for rel, _etag, size in listing:
-                if fnmatch.fnmatch(rel, "*.safetensors"):
-                    _fetch_header(client, bucket, prefix + rel, staging / (rel + HEADER), size)
-        (staging / COMPLETE).write_text(json.dumps(listing))
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
+        with staged_entry(target) as staging:
+            _fetch(client, uri, bucket, prefix, files, staging)
+            if headers:
+                (staging / HEADER_LISTING).write_text(json.dumps([list(f) for f in listing]))
+                for rel, _etag, size in listing:
+                    if fnmatch.fnmatch(rel, "*.safetensors"):
+                        _fetch_header(client, bucket, prefix + rel, staging / (rel + HEADER), size)
+            (staging / COMPLETE).write_text(json.dumps(listing))
     return target
+
+
+@contextlib.contextmanager
+def staged_entry(target: Path) -> Iterator[Path]:
+    """A new folder beside the cache entry ``target`` to build it in: renamed to ``target``
+    when the block ends, removed when it raises. Always a new folder, never one already there
+    (a link planted at a predictable name would be written through)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        staging.chmod(0o755)  # as an entry made by mkdir: readable by the cache's other users
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
 
 
 def _fetch(
     client, uri: str, bucket: str, prefix: str, files: list[tuple[str, str, int]], staging: Path
 ) -> None:
-    """Download and verify ``files`` into ``staging`` (a new empty folder, removed again on
-    failure), logging each file with this machine's name and the bytes done so far."""
+    """Download and verify ``files`` into ``staging``, logging each file with this machine's
+    name and the bytes done so far."""
     total, done = sum(size for _, _, size in files), 0
     host = socket.gethostname()
-    try:
-        for number, (rel, etag, size) in enumerate(files, 1):
-            dest = staging / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with storage.s3_errors(f"{uri.rstrip('/')}/{rel}", "download", ModelError):
-                client.download_file(bucket, prefix + rel, str(dest))
-            _verify_download(client, bucket, prefix + rel, dest, etag, size)
-            done += size
-            if size >= PROGRESS_BYTES or number == len(files):
-                log.warning(
-                    "model %s on %s: %d of %d files, %.2f of %.2f GB",
-                    uri, host, number, len(files), done / 1e9, total / 1e9,
-                )  # fmt: skip
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    for number, (rel, etag, size) in enumerate(files, 1):
+        dest = staging / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with storage.s3_errors(f"{uri.rstrip('/')}/{rel}", "download", ModelError):
+            client.download_file(bucket, prefix + rel, str(dest))
+        _verify_download(client, bucket, prefix + rel, dest, etag, size)
+        done += size
+        if size >= PROGRESS_BYTES or number == len(files):
+            log.warning(
+                "model %s on %s: %d of %d files, %.2f of %.2f GB",
+                uri, host, number, len(files), done / 1e9, total / 1e9,
+            )  # fmt: skip
 
 
 def _fetch_header(client, bucket: str, key: str, dest: Path, size: int) -> None:

@@ -32,6 +32,7 @@ from ezmia.plan.fetch import (
     cache_root,
     matching_files,
     resolve_model_dir,
+    staged_entry,
 )
 
 
@@ -214,19 +215,10 @@ def merged_adapter_dir(plan: ModelPlan, cache_dir: str | Path | None = None) -> 
         trust_remote_code=False,
     )
     merged = attach_adapter(base, plan.target).merge_and_unload()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # a new folder, never one already there (a link planted there would be written through)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.partial-", dir=out.parent))
-    staging.chmod(0o755)  # as an entry made by mkdir: readable by the cache's other users
-    try:
+    with staged_entry(out) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
         for name in TOKENIZER_FILES + TOKENIZER_EXTRA_FILES:
             if (plan.tokenizer / name).exists():
                 shutil.copy(plan.tokenizer / name, staging / name)
         (staging / COMPLETE).write_text(key)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed merge leaves no copy in the cache
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
     return out

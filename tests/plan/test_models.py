@@ -102,6 +102,20 @@ def test_a_merge_that_fails_leaves_nothing_in_the_cache(models, tmp_path):
     assert list((tmp_path / "cache" / "merged").iterdir()) == []
 
 
+def test_a_planning_download_that_fails_leaves_nothing_in_the_cache(s3, bucket, tmp_path):
+    """A safetensors header that cannot be read fails the planning download after its small
+    files are in: the staging folder goes with them."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes((1000).to_bytes(8, "little") + b"{}")
+    uri = upload_dir(s3.client(), model, bucket, "truncated")
+    with pytest.raises(ModelError, match="corrupt or truncated safetensors file"):
+        resolve_model_dir(uri, tmp_path / "cache", weights=False)
+    plans = tmp_path / "cache" / "plans"
+    assert [p.name for p in plans.iterdir() if not p.name.endswith(".lock")] == []
+
+
 def test_links_planted_in_the_model_cache_are_never_written_through(models, s3, bucket, tmp_path):
     """A download and a merge are staged in a folder of their own, never in whatever already
     sits at a predictable name (a link to another folder would be written through, replacing
